@@ -1,0 +1,190 @@
+"""Forward processes of discrete diffusion: corruption q(z_t | x), exact posteriors q(z_s | z_t, x), priors.
+
+Shapes: x, z_t: (B, D) LongTensors; times s, t: floats or (B,) tensors (one time per sequence);
+probabilities over clean tokens: (B, D, V); over noisy tokens: (B, D, V_in) with V_in = ``num_input_tokens``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_ddd.diffusion.categorical import sample_categorical
+from lightning_ddd.diffusion.schedules import LogLinearSchedule, NoiseSchedule
+
+
+def _per_row(value: float | Tensor, ref: Tensor) -> Tensor:
+    """A time given as a float or (B,) tensor, as a (B, 1) float64 tensor on ``ref``'s device."""
+    value = torch.as_tensor(value, device=ref.device).to(torch.float64)
+    if value.dim() == 0:
+        value = value.expand(ref.shape[0])
+    return value.reshape(-1, 1)
+
+
+class DiscreteProcess(ABC):
+    """A factorised forward process: each of the D dimensions is noised independently.
+
+    Args:
+        vocab_size: number of real token ids V (filled in from the data).
+        schedule: the noise schedule alpha_t (default: log-linear, eps = 1e-3).
+    """
+
+    def __init__(self, vocab_size: int, schedule: NoiseSchedule | None = None) -> None:
+        if vocab_size < 2:
+            raise ValueError(f"{type(self).__name__}: vocab_size={vocab_size} must be >= 2.")
+        self.vocab_size = vocab_size
+        self.schedule = schedule if schedule is not None else LogLinearSchedule()
+
+    @property
+    @abstractmethod
+    def num_input_tokens(self) -> int:
+        """Ids the denoiser must accept: V for uniform, V + 1 (the mask) for masked."""
+
+    @abstractmethod
+    def marginal_probs(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """q(z_t | x) per dimension: (B, D) ids → (B, D, V_in) probabilities."""
+
+    @abstractmethod
+    def posterior_probs(self, z_t: Tensor, x0_probs: Tensor, s: float | Tensor, t: float | Tensor) -> Tensor:
+        """``sum_x p(x) q(z_s | z_t, x)`` per dimension for a distribution p over clean tokens.
+
+        Args:
+            z_t: (B, D) noisy ids at time t.
+            x0_probs: (B, D, V) distribution over the clean token (one-hot for the exact posterior).
+            s, t: times with s < t.
+
+        Returns:
+            (B, D, V_in) probabilities of z_s.
+        """
+
+    @abstractmethod
+    def prior_sample(
+        self, batch_size: int, seq_len: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu"
+    ) -> Tensor:
+        """Draw (B, D) ids from the prior p(z_1)."""
+
+    @abstractmethod
+    def x0_log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
+        """Turn backbone logits (B, D, V) into fp32 log p_theta(x | z_t) (B, D, V)."""
+
+    def corrupt(self, x: Tensor, t: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw z_t ~ q(z_t | x) for (B, D) clean ids."""
+        return sample_categorical(self.marginal_probs(x, t).log(), generator)
+
+    def posterior_sample(
+        self,
+        z_t: Tensor,
+        x0: Tensor,
+        s: float | Tensor,
+        t: float | Tensor,
+        generator: torch.Generator | None = None,
+        precision: str = "float64",
+    ) -> Tensor:
+        """Draw z_s ~ q(z_s | z_t, x0) for (B, D) clean ids ``x0``."""
+        onehot = F.one_hot(x0, self.vocab_size).to(torch.float64)
+        return sample_categorical(self.posterior_probs(z_t, onehot, s, t).log(), generator, precision)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, schedule={self.schedule!r})"
+
+
+class MaskedProcess(DiscreteProcess):
+    """Absorbing ("masked") diffusion: a dimension keeps its value w.p. alpha_t, else becomes the mask id V.
+
+    A masked z_t dimension at time t becomes clean token x at s < t w.p. (alpha_s - alpha_t)/(1 - alpha_t),
+    and stays masked w.p. (1 - alpha_s)/(1 - alpha_t); an unmasked dimension is copied.
+    """
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def num_input_tokens(self) -> int:
+        return self.vocab_size + 1
+
+    def marginal_probs(self, x: Tensor, t: float | Tensor) -> Tensor:
+        alpha = self.schedule.alpha(_per_row(t, x)).unsqueeze(-1)  # (B, 1, 1)
+        keep = F.one_hot(x, self.num_input_tokens).to(alpha.dtype) * alpha
+        keep[..., self.mask_id] += 1.0 - alpha[..., 0]
+        return keep
+
+    def corrupt(self, x: Tensor, t: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
+        alpha = self.schedule.alpha(_per_row(t, x))  # (B, 1)
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+        return torch.where(u < 1.0 - alpha, torch.full_like(x, self.mask_id), x)
+
+    def mask_exactly(self, x: Tensor, num_masked: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Mask exactly ``num_masked[b]`` uniformly chosen dimensions of each row (any-order AR losses)."""
+        scores = torch.rand(x.shape, generator=generator, device=x.device)
+        ranks = scores.argsort(dim=-1).argsort(dim=-1)  # a uniform random permutation of 0..D-1 per row
+        return torch.where(ranks < num_masked.reshape(-1, 1), torch.full_like(x, self.mask_id), x)
+
+    def posterior_probs(self, z_t: Tensor, x0_probs: Tensor, s: float | Tensor, t: float | Tensor) -> Tensor:
+        dtype = x0_probs.dtype
+        alpha_s = self.schedule.alpha(_per_row(s, z_t)).to(dtype).unsqueeze(-1)  # (B, 1, 1)
+        alpha_t = self.schedule.alpha(_per_row(t, z_t)).to(dtype).unsqueeze(-1)
+        unmask = (alpha_s - alpha_t) / (1.0 - alpha_t)
+        out = torch.cat([unmask * x0_probs, (1.0 - unmask).expand(*x0_probs.shape[:-1], 1)], dim=-1)
+        carried = F.one_hot(z_t, self.num_input_tokens).to(dtype)
+        is_masked = (z_t == self.mask_id).unsqueeze(-1)
+        return torch.where(is_masked, out, carried)
+
+    def prior_sample(self, batch_size, seq_len, generator=None, device="cpu") -> Tensor:
+        return torch.full((batch_size, seq_len), self.mask_id, dtype=torch.long, device=device)
+
+    def x0_log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # the mask is never predicted: V outputs only
+        is_masked = (z_t == self.mask_id).unsqueeze(-1)
+        carried = torch.zeros_like(log_probs).masked_fill_(
+            F.one_hot(z_t.clamp_max(self.vocab_size - 1), self.vocab_size) == 0, float("-inf")
+        )
+        return torch.where(is_masked, log_probs, carried)
+
+
+class UniformProcess(DiscreteProcess):
+    """Uniform diffusion: q(z_t | x) = alpha_t onehot(x) + (1 - alpha_t) / V; the prior is uniform."""
+
+    @property
+    def num_input_tokens(self) -> int:
+        return self.vocab_size
+
+    def marginal_probs(self, x: Tensor, t: float | Tensor) -> Tensor:
+        alpha = self.schedule.alpha(_per_row(t, x)).unsqueeze(-1)  # (B, 1, 1)
+        return alpha * F.one_hot(x, self.vocab_size).to(alpha.dtype) + (1.0 - alpha) / self.vocab_size
+
+    def corrupt(self, x: Tensor, t: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
+        # Resample w.p. 1 - alpha_t (the new token may equal the old): no (B, D, V) tensor for large V.
+        alpha = self.schedule.alpha(_per_row(t, x))  # (B, 1)
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+        noise = torch.randint(self.vocab_size, x.shape, generator=generator, device=x.device)
+        return torch.where(u < 1.0 - alpha, noise, x)
+
+    def posterior_probs(self, z_t: Tensor, x0_probs: Tensor, s: float | Tensor, t: float | Tensor) -> Tensor:
+        # q(z_s | z_t, x) = q(z_t | z_s) q(z_s | x) / q(z_t | x). Mixing over p(x) in closed form:
+        #   sum_x p(x) q(z_s | z_t, x) = A[z_s] * (alpha_s p(z_s) / c(z_s) + (1 - alpha_s)/V * sum_x p(x)/c(x))
+        # with A[z_s] = q(z_t | z_s) and c(x) = q(z_t | x).
+        dtype, V = x0_probs.dtype, self.vocab_size
+        alpha_s = self.schedule.alpha(_per_row(s, z_t)).to(dtype).unsqueeze(-1)  # (B, 1, 1)
+        alpha_t = self.schedule.alpha(_per_row(t, z_t)).to(dtype).unsqueeze(-1)
+        alpha_ts = alpha_t / alpha_s
+        onehot_zt = F.one_hot(z_t, V).to(dtype)  # (B, D, V)
+        a = alpha_ts * onehot_zt + (1.0 - alpha_ts) / V
+        c = alpha_t * onehot_zt + (1.0 - alpha_t) / V
+        ratio = x0_probs / c
+        return a * (alpha_s * ratio + (1.0 - alpha_s) / V * ratio.sum(-1, keepdim=True))
+
+    def prior_sample(self, batch_size, seq_len, generator=None, device="cpu") -> Tensor:
+        return torch.randint(self.vocab_size, (batch_size, seq_len), generator=generator, device=device)
+
+    def prior_kl(self, x: Tensor) -> Tensor:
+        """KL(q(z_1 | x) || uniform), summed over dimensions: (B, D) → (B,)."""
+        q = self.marginal_probs(x, 1.0).double()
+        return torch.xlogy(q, q * self.vocab_size).sum(dim=(-1, -2))
+
+    def x0_log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
+        return torch.log_softmax(logits.float(), dim=-1)
