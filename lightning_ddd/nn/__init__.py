@@ -1,5 +1,5 @@
 """Plain nn.Modules: the bidirectional transformer backbone."""
 
-from lightning_ddd.nn.transformer import Transformer
+from lightning_ddd.nn.transformer import DenoisingTransformer
 
-__all__ = ["Transformer"]
+__all__ = ["DenoisingTransformer"]

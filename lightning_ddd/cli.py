@@ -1,0 +1,52 @@
+"""``python -m lightning_ddd``: a LightningCLI in subclass mode over every module and DataModule.
+
+Vocabulary size and sequence length flow from the DataModule into the model by argument links, so a
+config never states them twice.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+import lightning_ddd.data  # noqa: F401  (registers the DataModules for short class names)
+import lightning_ddd.diffusion.losses  # noqa: F401  (registers the losses)
+import lightning_ddd.optim  # noqa: F401
+from lightning_ddd.checkpoints import read_checkpoint, validate_checkpoint
+from lightning_ddd.data import TokenDataModule
+from lightning_ddd.modules import DiffusionModule
+
+
+class LightningDDDCLI(LightningCLI):
+    """LightningCLI with the project's links and early checks."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.seq_len", "model.init_args.seq_len", apply_on="instantiate")
+
+    def _ckpt_path(self) -> str | None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        return ckpt_path if ckpt_path not in (None, "last", "best", "hpc", "registry") else None
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads the checkpoint's hyperparameters next: fail first with a clear message.
+        if self._ckpt_path():
+            read_checkpoint(self._ckpt_path())
+
+    def before_fit(self) -> None:
+        if self._ckpt_path():
+            validate_checkpoint(self._ckpt_path(), type(self.model))
+
+
+def main(args: list[str] | None = None) -> LightningDDDCLI:
+    """Entry point of ``python -m lightning_ddd`` (``args=None`` reads ``sys.argv``)."""
+    return LightningDDDCLI(
+        DiffusionModule,
+        TokenDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+    )
