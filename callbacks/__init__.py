@@ -1,0 +1,1 @@
+"""Lightning callbacks of lightning_ddd, installed as the top-level ``callbacks`` package."""
