@@ -14,10 +14,19 @@ import lightning_ddd.optim  # noqa: F401
 from lightning_ddd.checkpoints import read_checkpoint, validate_checkpoint
 from lightning_ddd.data import TokenDataModule
 from lightning_ddd.modules import DiffusionModule
+from lightning_ddd.trainer import DDDTrainer
 
 
 class LightningDDDCLI(LightningCLI):
     """LightningCLI with the project's links and early checks."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            **LightningCLI.subcommands(),
+            "sample": {"model", "datamodule"},
+            "evaluate": {"model", "datamodule"},
+        }
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
@@ -38,6 +47,11 @@ class LightningDDDCLI(LightningCLI):
         if self._ckpt_path():
             validate_checkpoint(self._ckpt_path(), type(self.model))
 
+    def before_sample(self) -> None:
+        self.datamodule.setup("predict")  # decode/score samples with the data's own tokenizer and density
+
+    before_evaluate = before_sample
+
 
 def main(args: list[str] | None = None) -> LightningDDDCLI:
     """Entry point of ``python -m lightning_ddd`` (``args=None`` reads ``sys.argv``)."""
@@ -47,6 +61,7 @@ def main(args: list[str] | None = None) -> LightningDDDCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        trainer_class=DDDTrainer,
         auto_configure_optimizers=False,
         args=args,
     )

@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_ddd.diffusion.processes import DiscreteProcess, MaskedProcess
+from lightning_ddd.diffusion.sampling import SampleOutput, sample
 from lightning_ddd.nn import DenoisingTransformer
 
 #: builds a process from the vocabulary size: ``process(vocab_size)``
@@ -65,6 +66,22 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError("this backbone is time-conditioned but the loss gave no time; use TimeDCE or UniformELBO.")
         logits = self.backbone(z_t, t, cond) if cond is not None else self.backbone(z_t, t)
         return self.process.x0_log_probs(logits, z_t)  # fp32 even under bf16 autocast
+
+    # ---- sampling -----------------------------------------------------------------------------------
+    def step_condition(self, num_samples: int, generator: torch.Generator | None) -> Any:
+        """Per-step conditioning drawn by the sampler (students return a fresh lambda or noise); None: none."""
+        return None
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, num_steps: int, **kwargs: Any) -> SampleOutput:
+        """Sample (num_samples, seq_len) tokens in ``num_steps`` steps; keyword arguments go to
+        :func:`lightning_ddd.diffusion.sampling.sample` (temperature, top_p, top_k, precision, generator, cache,
+        fixed, progress)."""
+        conditioned = type(self).step_condition is not DiffusionModule.step_condition
+        return sample(
+            self.denoise, self.process, num_samples, self.seq_len, num_steps, device=self.device,
+            step_condition=self.step_condition if conditioned else None, **kwargs,
+        )
 
     # ---- seeded noise -------------------------------------------------------------------------------
     def noise_generator(self, stream: int, index: int) -> torch.Generator:

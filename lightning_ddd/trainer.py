@@ -1,0 +1,147 @@
+"""A Trainer with two extra entry points, ``sample`` and ``evaluate``, so they share ``fit``'s configs.
+
+LightningCLI builds a subcommand for each Trainer method it is told about; the work itself lives in
+:mod:`lightning_ddd.evaluation`, shared with the callbacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from tqdm.auto import tqdm
+
+from lightning_ddd.checkpoints import validate_checkpoint
+from lightning_ddd.data.base import TokenDataModule
+from lightning_ddd.evaluation import (
+    SamplingSettings,
+    generate,
+    likelihood_bound,
+    sample_metrics,
+    settings_record,
+    write_samples,
+    write_table,
+)
+from lightning_ddd.modules.base import DiffusionModule
+
+
+def load_weights(model: DiffusionModule, ckpt_path: str | None) -> None:
+    """Load a checkpoint's (EMA, when EMA was on) weights into ``model``, checking kind and vocabulary first."""
+    if ckpt_path is None:
+        rank_zero_info("no --ckpt_path given: sampling from the untrained model")
+        return
+    ckpt = validate_checkpoint(ckpt_path, type(model))
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"])
+
+
+class DDDTrainer(Trainer):
+    """Lightning's Trainer plus the ``sample`` and ``evaluate`` subcommands."""
+
+    def _prepare(self, model: DiffusionModule, ckpt_path: str | None) -> DiffusionModule:
+        load_weights(model, ckpt_path)
+        return model.to(self.strategy.root_device).eval()
+
+    def sample(
+        self,
+        model: DiffusionModule,
+        datamodule: TokenDataModule | None = None,
+        ckpt_path: str | None = None,
+        output_dir: str = "samples",
+        num_samples: int = 16,
+        steps: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        precision: str = "float64",
+        seed: int = 0,
+        batch_size: int = 64,
+        cache: bool = False,
+    ) -> dict:
+        """Draw samples and write token ids, decoded text or an image grid, and a JSON sidecar of the settings.
+
+        Args:
+            model: the model (filled in by the CLI).
+            datamodule: the data, used to decode samples and score them (filled in by the CLI).
+            ckpt_path: checkpoint whose weights to sample from.
+            output_dir: folder for tokens.pt, samples.txt or samples.png, and samples.json.
+            num_samples: number of samples.
+            steps: sampling steps.
+            temperature: softmax temperature of the x-prediction.
+            top_p: nucleus mass kept (1.0 = off).
+            top_k: most likely tokens kept (0 = off).
+            precision: dtype of the categorical draws ("float64" or "float32").
+            seed: seed of the sampler's generator.
+            batch_size: samples drawn at once.
+            cache: use the RADD caching sampler (masked, time-independent models).
+        """
+        settings = SamplingSettings(steps, temperature, top_p, top_k, precision, seed, num_samples, batch_size, cache)
+        settings.validate(model.seq_len)  # before loading anything
+        model = self._prepare(model, ckpt_path)
+        tokens, nfe, seconds = generate(model, settings, progress=True)
+        record = {**settings_record(model, settings, ckpt_path), "mean_nfe": nfe.float().mean().item(),
+                  "seconds_per_sample": seconds / num_samples,
+                  **sample_metrics(tokens, datamodule, model.vocab_size)}
+        paths = write_samples(tokens, datamodule, output_dir, record)
+        rank_zero_info(f"wrote {', '.join(paths)}")
+        return record
+
+    def evaluate(
+        self,
+        model: DiffusionModule,
+        datamodule: TokenDataModule | None = None,
+        ckpt_path: str | None = None,
+        output_dir: str = "evaluation",
+        steps: list[int] = [4, 16, 64],
+        temperatures: list[float] = [1.0],
+        top_ps: list[float] = [1.0],
+        top_k: int = 0,
+        num_samples: int = 256,
+        precision: str = "float64",
+        seed: int = 0,
+        batch_size: int = 128,
+        cache: bool = False,
+        nll_num_draws: int = 1,
+        nll_max_batches: int | None = None,
+    ) -> list[dict]:
+        """Sweep step counts, temperatures and top-p values; write one row per setting to evaluation.json/.csv.
+
+        Each row holds the checkpoint, model class, steps, sampler, temperature, top_p, precision, seed,
+        num_samples, mean NFE, seconds per sample, and every metric this data supports: the NLL bound of the
+        validation set (``nll``, ``ppl``, ``bpd``), the mean unigram entropy of the samples, and for data with
+        a known density the exact oracle NLL per token of the samples.
+
+        Args:
+            model: the model (filled in by the CLI).
+            datamodule: the data (filled in by the CLI).
+            ckpt_path: checkpoint to evaluate.
+            output_dir: folder for evaluation.json and evaluation.csv.
+            steps: sampling step counts to sweep.
+            temperatures: temperatures to sweep.
+            top_ps: nucleus masses to sweep.
+            top_k: top-k filter for every setting (0 = off).
+            num_samples: samples per setting.
+            precision: dtype of the categorical draws.
+            seed: seed of every setting's sampler (the same seeds for every setting).
+            batch_size: samples drawn at once.
+            cache: use the RADD caching sampler.
+            nll_num_draws: K, Monte-Carlo draws per validation sequence for the NLL bound.
+            nll_max_batches: validation batches for the NLL bound (None: all).
+        """
+        grid = [SamplingSettings(n, temp, p, top_k, precision, seed, num_samples, batch_size, cache)
+                for n, temp, p in itertools.product(steps, temperatures, top_ps)]
+        for settings in grid:
+            settings.validate(model.seq_len)  # every setting is checked before any work starts
+        model = self._prepare(model, ckpt_path)
+        bound = likelihood_bound(model, datamodule, nll_num_draws, nll_max_batches, seed) if datamodule else {}
+        rows = []
+        for settings in tqdm(grid, desc="evaluate"):
+            tokens, nfe, seconds = generate(model, settings)
+            rows.append({**settings_record(model, settings, ckpt_path), "mean_nfe": nfe.float().mean().item(),
+                         "seconds_per_sample": seconds / settings.num_samples, **bound,
+                         **sample_metrics(tokens, datamodule, model.vocab_size)})
+        paths = write_table(rows, output_dir)
+        rank_zero_info(f"wrote {paths[0]} and {paths[1]}")
+        return rows
