@@ -1,0 +1,484 @@
+"""Ancestral samplers against exact enumerated distributions, the any-order mixture and RADD's E-NFE formula."""
+
+import functools
+import itertools
+import math
+
+import pytest
+import torch
+from scipy.stats import chi2
+from torch import nn
+
+from lightning_ddd.diffusion import LinearSchedule, LogLinearSchedule, MaskedProcess, UniformProcess
+from lightning_ddd.diffusion.sampling import SampleOutput, filter_logits, sample, validate_sampling_args
+
+EPS = 1e-3  # the default log-linear schedule's eps; the exact computations below use the same schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# Denoisers
+
+
+class TableDenoiser:
+    """log p(x | z_t) looked up in a table indexed by the whole state z_t (and the step k = n t if given)."""
+
+    def __init__(self, table, num_input_tokens, num_steps=None):
+        self.table = table.float()  # (S, D, V) or (n + 1, S, D, V)
+        self.num_input_tokens = num_input_tokens
+        self.num_steps = num_steps
+        self.calls = 0
+
+    def state_index(self, z):
+        D = z.shape[1]
+        weights = self.num_input_tokens ** torch.arange(D - 1, -1, -1)
+        return (z * weights).sum(-1)  # (B,) base-V_in number of the state
+
+    def __call__(self, z, t):
+        self.calls += 1
+        idx = self.state_index(z)
+        if self.num_steps is None:
+            return self.table[idx]
+        k = torch.round(t.double() * self.num_steps).long()
+        return self.table[k, idx]
+
+
+def states(V_in, D):
+    return list(itertools.product(range(V_in), repeat=D))
+
+
+def masked_table(V, D, seed, scale=2.0):
+    """A random time-independent masked denoiser table (S, D, V) that carries unmasked tokens with prob 1."""
+    g = torch.Generator().manual_seed(seed)
+    S = (V + 1) ** D
+    table = torch.log_softmax(scale * torch.randn(S, D, V, generator=g, dtype=torch.float64), -1)
+    for i, z in enumerate(states(V + 1, D)):
+        for d, zd in enumerate(z):
+            if zd != V:
+                table[i, d] = torch.log(torch.nn.functional.one_hot(torch.tensor(zd), V).double())
+    return table.float().double()  # the values the float32 denoiser returns
+
+
+def uniform_table(V, D, n, seed, scale=2.0):
+    """A random time-dependent uniform denoiser table (n + 1, S, D, V)."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.log_softmax(scale * torch.randn(n + 1, V**D, D, V, generator=g, dtype=torch.float64), -1)
+    return table.float().double()
+
+
+class TinyNet(nn.Module):
+    """A small time-independent masked denoiser: token embedding + mean context -> logits over V tokens."""
+
+    def __init__(self, process, width=16, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.process = process
+        self.emb = nn.Embedding(process.num_input_tokens, width)
+        self.head = nn.Linear(2 * width, process.vocab_size)
+        with torch.no_grad():
+            self.head.weight.mul_(20.0)  # peaky, context-dependent predictions
+
+    def forward(self, z, t=None):
+        h = self.emb(z)  # (B, D, W)
+        h = torch.cat([h, h.mean(1, keepdim=True).expand_as(h)], -1)  # (B, D, 2W)
+        return self.process.x0_log_probs(self.head(h), z)
+
+
+def never_called(*args):
+    raise AssertionError("the denoiser must not be called")
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact distributions, written out from the process definitions (independently of processes.py)
+
+
+def alpha(t):
+    return 1.0 - (1.0 - EPS) * t
+
+
+def joint(per_dim):
+    """Product distribution of independent dimensions, flattened in the lexicographic order of ``states``."""
+    return functools.reduce(lambda a, b: torch.outer(a, b).flatten(), per_dim)
+
+
+def tempered(log_p, temperature):
+    return torch.softmax(log_p / temperature, -1)
+
+
+def exact_masked(table, V, D, n, temperature=1.0):
+    """Exact output distribution (V^D,) of the n-step masked sampler by propagating all (V+1)^D states."""
+    all_states = states(V + 1, D)
+    index = {z: i for i, z in enumerate(all_states)}
+    p = torch.zeros(len(all_states), dtype=torch.float64)
+    p[index[(V,) * D]] = 1.0
+    for k in range(n, 0, -1):
+        t, s = k / n, (k - 1) / n
+        r = 1.0 if k == 1 else (alpha(s) - alpha(t)) / (1.0 - alpha(t))  # P(masked dim unmasks)
+        new = torch.zeros_like(p)
+        for i, z in enumerate(all_states):
+            if p[i] == 0:
+                continue
+            per_dim = []
+            for d, zd in enumerate(z):
+                q = torch.zeros(V + 1, dtype=torch.float64)
+                if zd == V:
+                    q[:V] = r * tempered(table[i, d], temperature)
+                    q[V] = 1.0 - r
+                else:
+                    q[zd] = 1.0
+                per_dim.append(q)
+            new += p[i] * joint(per_dim)
+        p = new
+    return torch.stack([p[index[x]] for x in states(V, D)])
+
+
+def exact_uniform(table, V, D, n, temperature=1.0):
+    """Exact output distribution (V^D,) of the n-step uniform sampler (uniform prior, Bayes-rule posteriors)."""
+    all_states = states(V, D)
+    p = torch.full((len(all_states),), 1.0 / len(all_states), dtype=torch.float64)
+    for k in range(n, 0, -1):
+        t, s = k / n, (k - 1) / n
+        a_s, a_t = alpha(s), alpha(t)
+        a_ts = a_t / a_s
+
+        def q_post(zs, zt, x):  # q(z_s | z_t, x) = q(z_t | z_s) q(z_s | x) / q(z_t | x)
+            fwd = a_ts * (zt == zs) + (1 - a_ts) / V
+            marg_s = a_s * (zs == x) + (1 - a_s) / V
+            marg_t = a_t * (zt == x) + (1 - a_t) / V
+            return fwd * marg_s / marg_t
+
+        new = torch.zeros_like(p)
+        for i, z in enumerate(all_states):
+            per_dim = []
+            for d, zd in enumerate(z):
+                px = tempered(table[k, i, d], temperature)
+                if k == 1:
+                    per_dim.append(px)  # the last step returns x_hat
+                else:
+                    per_dim.append(
+                        torch.tensor([sum(px[x] * q_post(j, zd, x) for x in range(V)) for j in range(V)])
+                    )
+            new += p[i] * joint(per_dim)
+        p = new
+    return p
+
+
+def any_order_mixture(table, V, D):
+    """p(x) = mean over orders sigma of prod_k p(x_sigma_k | x_sigma_<k), with the table as the conditionals."""
+    index = {z: i for i, z in enumerate(states(V + 1, D))}
+    out = torch.zeros(V**D, dtype=torch.float64)
+    orders = list(itertools.permutations(range(D)))
+    for j, x in enumerate(states(V, D)):
+        for order in orders:
+            z, prob = [V] * D, 1.0
+            for d in order:
+                prob *= float(table[index[tuple(z)], d].exp()[x[d]])
+                z[d] = x[d]
+            out[j] += prob / len(orders)
+    return out
+
+
+def empirical(tokens, V):
+    D = tokens.shape[1]
+    codes = (tokens * V ** torch.arange(D - 1, -1, -1)).sum(-1)
+    return torch.bincount(codes, minlength=V**D).double()
+
+
+def assert_matches(counts, probs, alpha_level=1e-4):
+    """Pearson chi-square goodness of fit; impossible outcomes must never appear."""
+    N = counts.sum()
+    assert (counts[probs == 0] == 0).all()
+    pos = probs > 0
+    stat = float(((counts[pos] - N * probs[pos]) ** 2 / (N * probs[pos])).sum())
+    df = int(pos.sum()) - 1
+    assert chi2.sf(stat, df) > alpha_level, f"chi2={stat:.1f} on {df} dof: {counts / N} vs {probs}"
+
+
+def separation(p, q, N):
+    """Chi-square statistic that N samples from p would give against q: how visible p != q is."""
+    return float(N * ((p - q) ** 2 / q).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) precision
+
+
+@pytest.mark.parametrize("cls", [MaskedProcess, UniformProcess])
+@pytest.mark.parametrize("precision, dtype", [(None, torch.float64), ("float32", torch.float32)])
+def test_draws_use_requested_precision(monkeypatch, cls, precision, dtype):
+    process = cls(4)
+    real_rand, seen = torch.rand, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dtype"))
+        return real_rand(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "rand", spy)
+    kwargs = {} if precision is None else {"precision": precision}
+    sample(TinyNet(process), process, 3, 5, 4, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert len(seen) >= 4 and all(d == dtype for d in seen), seen  # silently float32 would fail here
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) seeds, (c) no mask in the output
+
+
+@pytest.mark.parametrize("cls", [MaskedProcess, UniformProcess])
+def test_seeded_reproducibility(cls):
+    process = cls(5)
+    net = TinyNet(process)
+    run = lambda seed: sample(net, process, 8, 16, 6, generator=torch.Generator().manual_seed(seed)).tokens
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+@pytest.mark.parametrize("schedule", [LogLinearSchedule(), LinearSchedule(sigma_min=0.5)], ids=repr)
+@pytest.mark.parametrize("num_steps", [1, 2, 7, 40])
+def test_no_mask_in_output(schedule, num_steps):
+    # alpha_0 = exp(-0.5) < 1 leaves masks in the exact posterior at s = 0: the last step must unmask them anyway.
+    process = MaskedProcess(3, schedule)
+    out = sample(TinyNet(process), process, 16, 12, num_steps, generator=torch.Generator().manual_seed(0))
+    assert isinstance(out, SampleOutput)
+    assert out.tokens.shape == (16, 12) and out.tokens.dtype == torch.long
+    assert (out.tokens >= 0).all() and (out.tokens < process.vocab_size).all()
+    assert torch.equal(out.nfe, torch.full((16,), num_steps))
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) filter_logits
+
+
+def probs_after(p, **kwargs):
+    return filter_logits(torch.tensor(p, dtype=torch.float64).log(), **kwargs).exp()
+
+
+def test_filter_logits_by_hand():
+    p = [0.5, 0.3, 0.15, 0.05]
+    close = lambda a, b: torch.allclose(a, torch.tensor(b, dtype=torch.float64), atol=1e-12)
+    assert close(probs_after(p), p)
+    assert close(probs_after(p, top_p=0.8), [0.625, 0.375, 0, 0])  # 0.5 + 0.3 reaches 0.8 exactly
+    assert close(probs_after(p, top_p=0.81), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
+    assert close(probs_after(p, top_p=0.5), [1, 0, 0, 0])
+    assert close(probs_after(p, top_p=1e-6), [1, 0, 0, 0])  # always at least the argmax
+    assert close(probs_after(p, top_k=2), [0.625, 0.375, 0, 0])
+    assert close(probs_after(p, top_k=1), [1, 0, 0, 0])
+    assert close(probs_after(p, top_k=4), p) and close(probs_after(p, top_k=10), p)
+    sq = torch.tensor(p, dtype=torch.float64) ** 2
+    assert close(probs_after(p, temperature=0.5), (sq / sq.sum()).tolist())
+    # Temperature comes first: at T = 0.5 the top two hold 0.93 of the mass, so top_p = 0.9 keeps two;
+    # at T = 1 it keeps three.
+    assert close(probs_after(p, temperature=0.5, top_p=0.9), (sq[:2] / sq[:2].sum()).tolist() + [0, 0])
+    assert close(probs_after(p, top_p=0.9), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
+    # Top-k renormalises before top-p: after top_k=3 the top two hold 0.8 / 0.95 = 0.842 >= 0.84.
+    assert close(probs_after(p, top_p=0.84), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
+    assert close(probs_after(p, top_k=3, top_p=0.84), [0.625, 0.375, 0, 0])
+    assert close(probs_after(p, top_k=3, top_p=0.85), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
+
+
+def test_filter_logits_batched_and_one_hot():
+    g = torch.Generator().manual_seed(0)
+    log_p = torch.log_softmax(torch.randn(3, 5, 7, generator=g), -1)
+    log_p[0, 0] = torch.tensor([0.0] + [-math.inf] * 6)  # an unmasked position stays one-hot
+    out = filter_logits(log_p, temperature=0.7, top_p=0.9, top_k=4)
+    assert out.shape == (3, 5, 7) and out.dtype == torch.float64
+    assert torch.allclose(out.exp().sum(-1), torch.ones(3, 5, dtype=torch.float64))
+    assert ((out > -math.inf).sum(-1) <= 4).all()
+    assert out[0, 0, 0] == 0 and torch.isinf(out[0, 0, 1:]).all()
+    assert torch.equal(out.argmax(-1), log_p.argmax(-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# (e) exact n-step distributions, (f) the any-order limit
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_masked_sampler_matches_exact_distribution(temperature):
+    V, D, N = 2, 2, 40_000
+    table = masked_table(V, D, seed=3)
+    exact = {n: exact_masked(table, V, D, n, temperature) for n in (1, 2, 3)}
+    assert separation(exact[1], exact[3], N) > 200  # the step counts are told apart by this sample size
+    for n, probs in exact.items():
+        assert torch.isclose(probs.sum(), torch.tensor(1.0, dtype=torch.float64))
+        g = torch.Generator().manual_seed(10 + n)
+        out = sample(TableDenoiser(table, V + 1), MaskedProcess(V), N, D, n, temperature=temperature, generator=g)
+        assert_matches(empirical(out.tokens, V), probs)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_uniform_sampler_matches_exact_distribution(temperature):
+    V, D, N = 2, 2, 40_000
+    exact, tables = {}, {}
+    for n in (1, 2, 3):
+        tables[n] = uniform_table(V, D, n, seed=5 + n)
+        exact[n] = exact_uniform(tables[n], V, D, n, temperature)
+    # Power check: the same table run for 3 steps vs its last step alone must differ visibly.
+    assert separation(exact[3], exact_uniform(tables[3][[0, 1]], V, D, 1, temperature), N) > 60
+    for n, probs in exact.items():
+        assert torch.isclose(probs.sum(), torch.tensor(1.0, dtype=torch.float64))
+        g = torch.Generator().manual_seed(20 + n)
+        den = TableDenoiser(tables[n], V, num_steps=n)
+        out = sample(den, UniformProcess(V), N, D, n, temperature=temperature, generator=g)
+        assert_matches(empirical(out.tokens, V), probs)
+
+
+def test_masked_many_steps_approaches_any_order_mixture():
+    V, D, N, n = 2, 3, 8_000, 256
+    table = masked_table(V, D, seed=7, scale=3.0)
+    target = any_order_mixture(table, V, D)
+    one_step = exact_masked(table, V, D, 1)  # all dimensions drawn independently given the all-mask state
+    assert separation(one_step, target, N) > 200
+    assert (exact_masked(table, V, D, n) - target).abs().sum() < 0.02  # the exact n-step law is close already
+    out = sample(TableDenoiser(table, V + 1), MaskedProcess(V), N, D, n, generator=torch.Generator().manual_seed(0))
+    assert_matches(empirical(out.tokens, V), target)
+
+
+# ----------------------------------------------------------------------------------------------
+# (g) RADD caching
+
+
+def test_cached_equals_uncached():
+    process = MaskedProcess(6)
+    net = TinyNet(process)
+    fixed = torch.full((64, 20), -1)
+    fixed[:, :3] = torch.tensor([1, 2, 3])
+    fixed[::2, 10] = 5
+    for kwargs in ({}, {"temperature": 0.8, "top_p": 0.9, "top_k": 4}, {"fixed": fixed}, {"precision": "float32"}):
+        for n in (5, 20, 80):
+            runs = [
+                sample(net, process, 64, 20, n, cache=c, generator=torch.Generator().manual_seed(n), **kwargs)
+                for c in (False, True)
+            ]
+            assert torch.equal(runs[0].tokens, runs[1].tokens), (kwargs, n)
+            assert torch.equal(runs[0].nfe, torch.full((64,), n))
+            assert (runs[1].nfe <= n).all() and (runs[1].nfe >= 1).all()
+
+
+@pytest.mark.parametrize("steps_per_dim", [1, 4])
+def test_cached_nfe_matches_radd_formula(steps_per_dim):
+    """RADD's E-NFE = n (1 - (1 - 1/n)^D) counts the distinct steps in which a sequence unmasks a position.
+
+    The cached sampler calls the network on a sequence only in such steps, so its NFE is exactly that count.
+    The default log-linear schedule (eps = 1e-3) matches the formula for any eps: a masked dimension
+    unmasks at step t_k -> t_{k-1} w.p. (alpha_s - alpha_t) / (1 - alpha_t) = 1 / k, so its unmasking step
+    is uniform over the n steps.
+    """
+    D, B = 16, 2000
+    n = steps_per_dim * D
+    process = MaskedProcess(4)
+    out = sample(TinyNet(process), process, B, D, n, cache=True, generator=torch.Generator().manual_seed(0))
+    expected = n * (1 - (1 - 1 / n) ** D)
+    measured = out.nfe.double().mean().item()
+    assert abs(measured / expected - 1) < 0.02, (n, measured, expected)
+
+
+def test_cache_reuses_log_probs_of_unchanged_rows():
+    process = MaskedProcess(3)
+    den = TableDenoiser(masked_table(3, 2, seed=0), 4)
+    calls = []
+    spy = lambda z, t: calls.append(z.shape[0]) or den(z, t)
+    out = sample(spy, process, 50, 2, 30, cache=True, generator=torch.Generator().manual_seed(0))
+    assert len(calls) < 30 and sum(calls) == int(out.nfe.sum())  # rows evaluated only when needed
+    assert (out.nfe <= 2).all()  # D = 2: at most two distinct unmasking steps per sequence
+
+
+# ----------------------------------------------------------------------------------------------
+# (h) fixed positions, (i) step_condition
+
+
+@pytest.mark.parametrize("cls", [MaskedProcess, UniformProcess])
+def test_fixed_positions_are_kept(cls):
+    V, B, D, n = 5, 12, 10, 6
+    process = cls(V)
+    fixed = torch.full((B, D), -1)
+    fixed[:, :3] = torch.tensor([4, 0, 2])  # a prefix
+    fixed[:, 7] = torch.arange(B) % V  # and an infilled position
+    is_fixed = fixed >= 0
+    net = TinyNet(process)
+    seen = []
+
+    def den(z, t):
+        seen.append(z.clone())
+        return net(z)
+
+    out = sample(den, process, B, D, n, fixed=fixed, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.tokens[is_fixed], fixed[is_fixed])
+    assert len(seen) == n and all(torch.equal(z[is_fixed], fixed[is_fixed]) for z in seen)
+    if cls is MaskedProcess:
+        assert (seen[0][~is_fixed] == process.mask_id).all()
+    assert (out.tokens[~is_fixed] < V).all()
+
+
+def test_step_condition_called_once_per_step_and_reaches_denoiser():
+    V, B, D, n = 4, 3, 5, 7
+    g = torch.Generator().manual_seed(0)
+    made, received = [], []
+
+    def step_condition(num_samples, generator):
+        assert num_samples == B and generator is g
+        made.append(torch.randn(num_samples, 2, generator=generator))
+        return made[-1]
+
+    for process in (MaskedProcess(V), UniformProcess(V)):
+        made.clear(), received.clear()
+
+        def den(z, t, cond):
+            received.append(cond)
+            return process.x0_log_probs(torch.zeros(B, D, V), z)
+
+        sample(den, process, B, D, n, step_condition=step_condition, generator=g)
+        assert len(made) == n and len(received) == n
+        assert all(a is b for a, b in zip(made, received))
+
+
+# ----------------------------------------------------------------------------------------------
+# (j) argument checks, and small things
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0.0}, r"temperature=0\.0 .*> 0"),
+        ({"temperature": -1.0}, r"temperature=-1\.0"),
+        ({"temperature": float("nan")}, r"temperature=nan"),
+        ({"top_p": 0.0}, r"top_p=0\.0 .*\(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p=1\.5"),
+        ({"top_k": -1}, r"top_k=-1 .*>= 0"),
+        ({"top_k": 2.5}, r"top_k=2\.5"),
+        ({"precision": "float16"}, r"float16"),
+        ({"num_steps": 0}, r"num_steps=0 .*>= 1"),
+        ({"num_samples": 0}, r"num_samples=0 .*>= 1"),
+        ({"seq_len": 0}, r"seq_len=0 .*>= 1"),
+        ({"cache": True, "process": UniformProcess(3)}, r"cache=True"),
+        ({"cache": True, "step_condition": lambda b, g: None}, r"step_condition"),
+        ({"fixed": torch.full((2, 4), -1)}, r"fixed has shape \(2, 4\)"),
+        ({"fixed": torch.full((2, 5), 3)}, r"fixed ids .*\[0, 3\)"),  # the mask id is not a token
+        ({"fixed": torch.full((2, 5), -2)}, r"fixed ids"),
+        ({"fixed": torch.zeros(2, 5)}, r"fixed must be an integer tensor"),
+    ],
+)
+def test_bad_arguments_raise_before_any_work(kwargs, match):
+    args = {"process": MaskedProcess(3), "num_samples": 2, "seq_len": 5, "num_steps": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        sample(never_called, **args)
+
+
+def test_validate_sampling_args():
+    validate_sampling_args(temperature=0.5, top_p=0.9, top_k=10, precision="float32", num_steps=1)
+    for kwargs in ({"temperature": 0}, {"top_p": 2}, {"top_k": -3}, {"num_steps": 0}, {"precision": "half"}):
+        with pytest.raises(ValueError):
+            validate_sampling_args(**kwargs)
+    with pytest.raises(ValueError, match=r"top_p=0"):
+        filter_logits(torch.zeros(3), top_p=0)
+
+
+def test_wrong_denoiser_shape_is_reported():
+    with pytest.raises(ValueError, match=r"x0_log_probs"):
+        sample(lambda z, t: torch.zeros(*z.shape, 4), MaskedProcess(3), 2, 5, 2)  # V + 1 outputs
+
+
+def test_top_k_one_is_greedy_and_progress_bar_runs():
+    V, D = 5, 6
+    base = torch.log_softmax(torch.randn(D, V, generator=torch.Generator().manual_seed(0)), -1)
+    process = MaskedProcess(V)
+    den = lambda z, t: process.x0_log_probs(base.expand(z.shape[0], D, V), z)
+    out = sample(den, process, 4, D, 3, top_k=1, progress=True)
+    assert torch.equal(out.tokens, base.argmax(-1).expand(4, D))
