@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from typing import Any
 
@@ -31,25 +32,34 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     return ckpt
 
 
-def checkpoint_class_name(ckpt: dict[str, Any]) -> str | None:
-    """The module class recorded in a checkpoint's hyperparameters, if any."""
-    hp = ckpt.get("hyper_parameters", {})
-    class_path = hp.get("_class_path")
+def checkpoint_class(ckpt: dict[str, Any]) -> type | None:
+    """The module class that wrote a checkpoint, when it can be resolved."""
+    class_path = ckpt.get("hyper_parameters", {}).get("_class_path")  # written by LightningCLI
     if class_path:
-        return class_path.rsplit(".", 1)[-1]
-    return ckpt.get("lightning_ddd_class")
+        module_name, _, class_name = class_path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            raise CheckpointError(
+                f"checkpoint was written by {class_path}, which cannot be imported; install the package that defines it."
+            ) from None
+    name = ckpt.get("lightning_ddd_class")  # written by every lightning_ddd module
+    if name:
+        import lightning_ddd.modules as modules
+
+        return getattr(modules, name, None)
+    return None
 
 
 def validate_checkpoint(path: str, expected_class: type | None = None) -> dict[str, Any]:
-    """Read ``path`` and check it was written by ``expected_class`` (or a subclass's parent), else raise."""
+    """Read ``path`` and check that it was written by ``expected_class``, a subclass or a parent, else raise."""
     ckpt = read_checkpoint(path)
-    found = checkpoint_class_name(ckpt)
+    found = checkpoint_class(ckpt)
     if expected_class is not None and found is not None:
-        names = {cls.__name__ for cls in expected_class.__mro__}
-        if found not in names:
+        if not (issubclass(found, expected_class) or issubclass(expected_class, found)):
             raise CheckpointError(
-                f"checkpoint '{path}' holds a {found} but this run builds a {expected_class.__name__}; "
-                f"use a {expected_class.__name__} checkpoint or change model.class_path."
+                f"checkpoint '{path}' holds a {found.__name__} but this run needs a {expected_class.__name__}; "
+                f"use a {expected_class.__name__} checkpoint or change the model's class_path."
             )
     return ckpt
 

@@ -1,0 +1,101 @@
+"""The shared base of distilled students: a frozen teacher loaded from a checkpoint path.
+
+The teacher is held outside the student's module tree, so it is not in ``parameters()`` (so not in the
+optimiser), not in ``state_dict()`` (so not in the student's checkpoints), and not copied by the EMA
+callback's deep copy. Its path and content hash are recorded in the student's hyperparameters.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from lightning_ddd.checkpoints import CheckpointError, checkpoint_class, file_sha256, validate_checkpoint
+from lightning_ddd.modules.base import DiffusionModule
+
+
+class _Frozen:
+    """Holds a module out of its owner's children, state_dict and deep copies (the EMA copy shares it)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> "_Frozen":
+        return self
+
+
+def load_teacher(path: str) -> DiffusionModule:
+    """Load a trained lightning_ddd model from ``path``, frozen (no gradients) and in eval mode."""
+    cls = checkpoint_class(validate_checkpoint(path, DiffusionModule))
+    if cls is None or cls is DiffusionModule:
+        raise CheckpointError(f"teacher checkpoint '{path}' does not record a lightning_ddd model class.")
+    teacher = cls.load_from_checkpoint(path, map_location="cpu")  # state_dict holds EMA weights when EMA was on
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+class DistilledStudent(DiffusionModule):
+    """Base class of students. Builds the student as a copy of the teacher (same process, same backbone
+    weights); subclasses add their conditioning input and losses.
+
+    Args:
+        teacher_ckpt: path of the teacher's checkpoint (not ``ckpt_path``, which resumes the student).
+        vocab_size: linked from the data; must equal the teacher's.
+        seq_len: linked from the data; must equal the teacher's.
+        optimizer: optimiser of the student's parameters.
+        lr_scheduler: optional LR schedule, stepped every optimiser step.
+        seed: seed of the training noise.
+    """
+
+    def __init__(
+        self,
+        teacher_ckpt: str,
+        vocab_size: int | None = None,
+        seq_len: int | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+    ) -> None:
+        teacher = load_teacher(teacher_ckpt)
+        for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len)):
+            if value is not None and value != getattr(teacher, name):
+                raise ValueError(
+                    f"{name} mismatch: the data has {name}={value} but the teacher '{teacher_ckpt}' was trained "
+                    f"with {getattr(teacher, name)}; distil with the teacher's data."
+                )
+        super().__init__(
+            teacher.vocab_size,
+            teacher.seq_len,
+            process=lambda _: copy.deepcopy(teacher.process),
+            backbone=lambda *_: copy.deepcopy(teacher.backbone),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            seed=seed,
+        )
+        self.backbone.requires_grad_(True)
+        self._teacher = _Frozen(teacher)
+        self.save_hyperparameters()
+        self.hparams["teacher_sha256"] = file_sha256(teacher_ckpt)
+
+    @property
+    def teacher(self) -> DiffusionModule:
+        """The frozen teacher, moved to the student's device on first use."""
+        teacher = self._teacher.module
+        if next(teacher.parameters()).device != self.device:
+            teacher.to(self.device)
+        return teacher
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._teacher.module.eval()  # the teacher never leaves eval mode
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["teacher_ckpt"] = self.hparams.teacher_ckpt
+        checkpoint["teacher_sha256"] = self.hparams.teacher_sha256
