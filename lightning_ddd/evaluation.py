@@ -19,7 +19,16 @@ from torch import Tensor
 from lightning_ddd.data.base import TokenDataModule
 from lightning_ddd.diffusion.likelihood import estimate_nll
 from lightning_ddd.diffusion.sampling import validate_sampling_args
-from lightning_ddd.metrics import NLLMetric, unigram_entropy
+from lightning_ddd.metrics import (
+    GenerativePerplexity,
+    GradientMoment,
+    ImageFidelity,
+    NLLMetric,
+    TorchEvaluator,
+    dataset_reference,
+    load_evaluator,
+    unigram_entropy,
+)
 from lightning_ddd.modules.base import DiffusionModule
 
 EVAL_STREAM = 2
@@ -87,6 +96,134 @@ def sample_metrics(tokens: Tensor, datamodule: TokenDataModule | None, vocab_siz
     if oracle is not None:
         metrics["oracle_nll"] = (-oracle.double().mean() / tokens.shape[1]).item()
     return metrics
+
+
+@dataclass
+class MetricOptions:
+    """Metrics beyond entropy and the oracle NLL, and how to compute them (recorded next to the results).
+
+    Attributes:
+        evaluator: generative perplexity under ``"oracle"`` (the data's exact density), an ``ARLanguageModel``
+            checkpoint path, or a Hugging Face causal LM name or folder (e.g. ``"gpt2-large"``); None: off.
+        evaluator_batch_size: sequences per evaluator forward pass.
+        gradient_moment: also the D-MMD gradient moment under the evaluator (a torch model), against as many
+            validation sequences as there are samples.
+        gradient_moment_params: regular expression selecting the evaluator parameters it uses (None: all).
+        fid: FID of the decoded samples against the training images (image data only).
+        isc: Inception Score of the decoded samples.
+        kid: KID against the training images.
+        fid_extractor: torch-fidelity feature extractor: ``inception-v3-compat`` or the offline ``digits-cnn``.
+        fid_weights_path: local weights of the extractor (None: its default, which may download).
+        fid_reference_size: training images in the reference statistics (None: all).
+        cache_dir: folder of the cached reference statistics.
+    """
+
+    evaluator: str | None = None
+    evaluator_batch_size: int = 16
+    gradient_moment: bool = False
+    gradient_moment_params: str | None = None
+    fid: bool = False
+    isc: bool = False
+    kid: bool = False
+    fid_extractor: str = "inception-v3-compat"
+    fid_weights_path: str | None = None
+    fid_reference_size: int | None = None
+    cache_dir: str = "data_cache/fid"
+
+    def validate(self, datamodule: TokenDataModule | None) -> None:
+        """Raise on option combinations that cannot work, before any model is loaded."""
+        if self.gradient_moment and self.evaluator in (None, "oracle"):
+            raise ValueError("gradient_moment needs a model evaluator: set evaluator to a checkpoint or LM name.")
+        images = datamodule is not None and datamodule.modality == "image"
+        if (self.fid or self.isc or self.kid) and not images:
+            raise ValueError("fid/isc/kid need image data (e.g. Digits, CIFAR10Pixels).")
+        if self.evaluator == "oracle" and not _has_density(datamodule):
+            raise ValueError("evaluator='oracle' needs data with a known density (MarkovChain).")
+        if self.evaluator_batch_size < 1:
+            raise ValueError(f"evaluator_batch_size={self.evaluator_batch_size} must be >= 1.")
+
+
+class SampleScorer:
+    """Scores sets of samples with every metric the options ask for; heavy models load once, at construction.
+
+    ``scorer(tokens)`` returns ``sample_metrics`` plus ``gen_nll``/``gen_ppl``, ``grad_moment``, ``fid``,
+    ``isc_mean``/``isc_std``, ``kid_mean``/``kid_std`` as enabled; ``scorer.record`` names the evaluator and
+    extractor, to be stored next to the numbers.
+
+    Args:
+        options: which metrics.
+        datamodule: the data (decoding, oracle density, reference images, validation sequences).
+        vocab_size: the model's vocabulary (for the entropy).
+        device: where evaluator and feature extractor run.
+    """
+
+    def __init__(self, options: MetricOptions, datamodule: TokenDataModule | None, vocab_size: int,
+                 device: str | torch.device = "cpu") -> None:
+        options.validate(datamodule)
+        self.options, self.datamodule, self.vocab_size = options, datamodule, vocab_size
+        decode = datamodule.decode if datamodule is not None else None
+        self.record: dict = {}
+        self.perplexity = self.moment = self.fidelity = None
+        if options.evaluator is not None:
+            evaluator = load_evaluator(options.evaluator, datamodule, device, options.evaluator_batch_size)
+            self.perplexity = GenerativePerplexity(evaluator, decode).to(device)
+            self.record["evaluator"] = options.evaluator
+            if options.gradient_moment:
+                if not isinstance(evaluator, TorchEvaluator):
+                    raise ValueError(f"gradient_moment needs a torch-model evaluator, not '{options.evaluator}'.")
+                self.moment = GradientMoment(evaluator, options.gradient_moment_params, decode).to(device)
+        if options.fid or options.isc or options.kid:
+            reference = None
+            if options.fid or options.kid:
+                reference = dataset_reference(datamodule, options.fid_extractor, options.fid_weights_path,
+                                              options.cache_dir, options.fid_reference_size, keep_features=options.kid)
+                self.record["fid_reference_images"] = reference.num
+            self.fidelity = ImageFidelity(reference, options.fid_extractor, options.fid_weights_path,
+                                          isc=options.isc, kid=options.kid).to(device)
+            self.record["fid_extractor"] = options.fid_extractor
+
+    def __call__(self, tokens: Tensor) -> dict[str, float]:
+        metrics = sample_metrics(tokens, self.datamodule, self.vocab_size)
+        if self.perplexity is not None:
+            self.perplexity.reset()
+            for chunk in tokens.split(self.options.evaluator_batch_size * 16):  # bounds decoded-text memory
+                self.perplexity.update(chunk)
+            metrics.update(_floats(self.perplexity.compute()))
+        if self.moment is not None:
+            metrics["grad_moment"] = self._gradient_moment(tokens)
+        if self.fidelity is not None:
+            self.fidelity.reset()
+            for chunk in tokens.split(256):
+                self.fidelity.update(self.datamodule.decode(chunk))
+            metrics.update(_floats(self.fidelity.compute()))
+        return metrics
+
+    def _gradient_moment(self, tokens: Tensor) -> float:
+        self.moment.reset()
+        self.datamodule.setup("validate")
+        data = dataset_tokens(self.datamodule.val_set, len(tokens))
+        batch = self.options.evaluator_batch_size
+        for source, samples in (("gen", tokens), ("data", data)):
+            for chunk in samples.split(batch):
+                self.moment.update(chunk, source)
+        return self.moment.compute().item()
+
+
+def dataset_tokens(dataset, limit: int | None = None) -> Tensor:
+    """The first ``limit`` rows of a token dataset as one (N, D) LongTensor."""
+    tokens = getattr(dataset, "tokens", None)
+    if tokens is None:
+        tokens = torch.stack([dataset[i] for i in range(len(dataset) if limit is None else min(limit, len(dataset)))])
+    return tokens[:limit].long()
+
+
+def _has_density(datamodule: TokenDataModule | None) -> bool:
+    probe = torch.zeros(1, datamodule.seq_len, dtype=torch.long) if datamodule is not None else None
+    return probe is not None and datamodule.oracle_log_likelihood(probe) is not None
+
+
+def _floats(values: dict[str, Tensor]) -> dict[str, float]:
+    return {name: float(value) for name, value in values.items()}
 
 
 @torch.no_grad()

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from lightning_ddd.checkpoints import validate_checkpoint
 from lightning_ddd.data.base import TokenDataModule
 from lightning_ddd.evaluation import (
+    MetricOptions,
+    SampleScorer,
     SamplingSettings,
     generate,
     likelihood_bound,
@@ -105,13 +107,26 @@ class DDDTrainer(Trainer):
         cache: bool = False,
         nll_num_draws: int = 1,
         nll_max_batches: int | None = None,
+        evaluator: str | None = None,
+        evaluator_batch_size: int = 16,
+        gradient_moment: bool = False,
+        gradient_moment_params: str | None = None,
+        fid: bool = False,
+        isc: bool = False,
+        kid: bool = False,
+        fid_extractor: str = "inception-v3-compat",
+        fid_weights_path: str | None = None,
+        fid_reference_size: int | None = None,
+        metrics_cache_dir: str = "data_cache/fid",
     ) -> list[dict]:
         """Sweep step counts, temperatures and top-p values; write one row per setting to evaluation.json/.csv.
 
         Each row holds the checkpoint, model class, steps, sampler, temperature, top_p, precision, seed,
         num_samples, mean NFE, seconds per sample, and every metric this data supports: the NLL bound of the
         validation set (``nll``, ``ppl``, ``bpd``), the mean unigram entropy of the samples, and for data with
-        a known density the exact oracle NLL per token of the samples.
+        a known density the exact oracle NLL per token of the samples. On request it adds the generative
+        perplexity under an evaluator (``gen_nll``, ``gen_ppl``), the gradient moment (``grad_moment``) and,
+        for image data, ``fid``, ``isc_mean``/``isc_std``, ``kid_mean``/``kid_std``.
 
         Args:
             model: the model (filled in by the CLI).
@@ -129,19 +144,37 @@ class DDDTrainer(Trainer):
             cache: use the RADD caching sampler.
             nll_num_draws: K, Monte-Carlo draws per validation sequence for the NLL bound.
             nll_max_batches: validation batches for the NLL bound (None: all).
+            evaluator: generative perplexity under "oracle" (the data's exact density), an ARLanguageModel
+                checkpoint path, or a Hugging Face causal LM name or folder (e.g. "gpt2-large"); None: off.
+            evaluator_batch_size: sequences per evaluator forward pass.
+            gradient_moment: also the D-MMD gradient moment under the (model) evaluator, against as many
+                validation sequences as samples.
+            gradient_moment_params: regular expression selecting the evaluator parameters it uses (None: all).
+            fid: FID against the training images (image data).
+            isc: Inception Score (image data).
+            kid: KID against the training images (image data).
+            fid_extractor: "inception-v3-compat" (downloads its weights unless fid_weights_path is set) or
+                "digits-cnn" (trained offline on the Digits data).
+            fid_weights_path: local weights file of the feature extractor.
+            fid_reference_size: training images in the reference statistics (None: all).
+            metrics_cache_dir: folder of the cached reference statistics.
         """
         grid = [SamplingSettings(n, temp, p, top_k, precision, seed, num_samples, batch_size, cache)
                 for n, temp, p in itertools.product(steps, temperatures, top_ps)]
         for settings in grid:
             settings.validate(model.seq_len)  # every setting is checked before any work starts
+        options = MetricOptions(evaluator, evaluator_batch_size, gradient_moment, gradient_moment_params, fid, isc,
+                                kid, fid_extractor, fid_weights_path, fid_reference_size, metrics_cache_dir)
+        options.validate(datamodule)
         model = self._prepare(model, ckpt_path)
+        scorer = SampleScorer(options, datamodule, model.vocab_size, self.strategy.root_device)  # loads models once
         bound = likelihood_bound(model, datamodule, nll_num_draws, nll_max_batches, seed) if datamodule else {}
         rows = []
         for settings in tqdm(grid, desc="evaluate"):
             tokens, nfe, seconds = generate(model, settings)
-            rows.append({**settings_record(model, settings, ckpt_path), "mean_nfe": nfe.float().mean().item(),
-                         "seconds_per_sample": seconds / settings.num_samples, **bound,
-                         **sample_metrics(tokens, datamodule, model.vocab_size)})
+            rows.append({**settings_record(model, settings, ckpt_path), **scorer.record,
+                         "mean_nfe": nfe.float().mean().item(), "seconds_per_sample": seconds / settings.num_samples,
+                         **bound, **scorer(tokens)})
         paths = write_table(rows, output_dir)
         rank_zero_info(f"wrote {paths[0]} and {paths[1]}")
         return rows

@@ -7,12 +7,18 @@ import sys
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SKIP = shutil.ignore_patterns(".venv", ".git", "runs", "data", "data_cache", "build", "*.egg-info", "__pycache__")
+TOP_LEVEL_SKIP = {".venv", ".git", "runs", "data", "data_cache", "build", "benchmarks"}
+
+
+def skip(directory, names):
+    """Leave out local outputs at the top level only (lightning_ddd/data is a package)."""
+    top = os.path.abspath(directory) == ROOT
+    return [n for n in names if (top and n in TOP_LEVEL_SKIP) or n == "__pycache__" or n.endswith(".egg-info")]
 
 
 def test_wheel_installs_callbacks_package(tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=SKIP)
+    shutil.copytree(ROOT, src, ignore=skip)
     pip = [sys.executable, "-m", "pip", "-q"]
     subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")], check=True)
     (wheel,) = (tmp_path / "dist").glob("lightning_ddd-*.whl")

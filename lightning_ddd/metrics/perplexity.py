@@ -1,0 +1,259 @@
+"""Generative perplexity: how likely an evaluator model finds the samples, token-weighted exp(mean NLL).
+
+An ``Evaluator`` scores samples: ``nll(samples) -> (summed NLL in nats (N,), scored tokens (N,))``. Three
+kinds: ``HFCausalLMEvaluator`` (any Hugging Face causal LM, GPT-2 large by convention; it reads decoded
+text, retokenizes it and skips each text's first token), ``ARModelEvaluator`` (an ``ARLanguageModel``
+this project trained on the same data; reads token ids) and ``OracleEvaluator`` (the exact density of
+synthetic data). Evaluators are plain objects, not modules: a metric or callback that holds one never
+puts its weights in a checkpoint, and deep copies (EMA, ``Metric.clone``) share it. ``load_evaluator``
+builds each one once per process.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+Samples = Tensor | Sequence[str]
+
+
+class Evaluator(ABC):
+    """Scores samples. ``wants_text``: True if ``score`` takes decoded strings, False for (N, D) token ids."""
+
+    wants_text: bool = False
+    name: str = "evaluator"
+
+    @abstractmethod
+    def score(self, samples: Samples) -> tuple[Tensor, Tensor]:
+        """Summed NLL in nats (N,) and number of scored tokens (N,); differentiable for torch models."""
+
+    def nll(self, samples: Samples) -> tuple[Tensor, Tensor]:
+        """``score`` without gradients."""
+        with torch.no_grad():
+            return self.score(samples)
+
+    def __deepcopy__(self, memo: dict) -> "Evaluator":
+        return self  # frozen and shared: copies of the module holding it must not copy the weights
+
+
+class TorchEvaluator(Evaluator):
+    """An evaluator backed by a torch model (``self.model``): usable as p_LM for the gradient moment."""
+
+    model: nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> "TorchEvaluator":
+        self.model.to(device)
+        return self
+
+
+class OracleEvaluator(Evaluator):
+    """The exact log-likelihood of data with a known density (``MarkovChain``): every token is scored.
+
+    Args:
+        datamodule: a DataModule whose ``oracle_log_likelihood`` is not None.
+    """
+
+    name = "oracle"
+
+    def __init__(self, datamodule) -> None:
+        probe = torch.zeros(1, datamodule.seq_len, dtype=torch.long)
+        if datamodule.oracle_log_likelihood(probe) is None:
+            raise ValueError(f"{type(datamodule).__name__} has no known density; the oracle evaluator needs one.")
+        self.datamodule = datamodule
+
+    def score(self, samples: Samples) -> tuple[Tensor, Tensor]:
+        tokens = _as_tokens(samples, self)
+        nll = -self.datamodule.oracle_log_likelihood(tokens).double()  # (N,)
+        return nll, torch.full_like(nll, tokens.shape[1])
+
+
+class ARModelEvaluator(TorchEvaluator):
+    """An ``ARLanguageModel`` checkpoint trained on the same data; every token is scored (it models the first
+    token after BOS).
+
+    Args:
+        ckpt_path: checkpoint written by ``python -m lightning_ddd fit`` with ``model: ARLanguageModel``.
+        device: where to run it (default CPU).
+        batch_size: sequences per forward pass.
+    """
+
+    def __init__(self, ckpt_path: str, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
+        from lightning_ddd.checkpoints import CheckpointError, checkpoint_class, validate_checkpoint
+        from lightning_ddd.modules.autoregressive import ARLanguageModel  # lazy: modules import metrics
+
+        found = checkpoint_class(validate_checkpoint(ckpt_path))
+        if found is not None and not issubclass(found, ARLanguageModel):
+            raise CheckpointError(
+                f"evaluator checkpoint '{ckpt_path}' holds a {found.__name__}, not an ARLanguageModel; train one "
+                "with configs/quickstart/ar_evaluator.yaml."
+            )
+        self.model = ARLanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu").to(device).eval()
+        self.model.requires_grad_(False)
+        self.name = ckpt_path
+        self.batch_size = batch_size
+
+    def score(self, samples: Samples) -> tuple[Tensor, Tensor]:
+        tokens = _as_tokens(samples, self)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.model.vocab_size):
+            raise ValueError(
+                f"token ids span [{int(tokens.min())}, {int(tokens.max())}] but the evaluator was trained with "
+                f"vocab_size={self.model.vocab_size}; use an evaluator trained on this data."
+            )
+        chunks = tokens.split(self.batch_size)
+        nll = torch.cat([-self.model.sequence_log_prob(chunk.to(self.device)) for chunk in chunks])
+        return nll, torch.full_like(nll, tokens.shape[1])
+
+
+class HFCausalLMEvaluator(TorchEvaluator):
+    """A Hugging Face causal LM (GPT-2 large by convention) scoring decoded text.
+
+    Each text is retokenized with the LM's tokenizer and cut into windows of at most ``max_length`` tokens;
+    each window's first token is not scored (it has no context), as in the field's generative perplexity.
+
+    Args:
+        name_or_path: hub name or local folder of the model and tokenizer (needs ``pip install transformers``).
+        device: where to run it.
+        batch_size: windows per forward pass.
+        max_length: window length (default: the model's context size).
+        torch_dtype: weights dtype, e.g. ``"bfloat16"`` (default: the checkpoint's).
+        model: an already loaded causal LM (then ``tokenizer`` too); skips loading, e.g. in tests.
+        tokenizer: its tokenizer: ``tokenizer(texts)["input_ids"]`` gives lists of ids.
+    """
+
+    wants_text = True
+
+    def __init__(self, name_or_path: str = "gpt2-large", device: str | torch.device = "cpu", batch_size: int = 8,
+                 max_length: int | None = None, torch_dtype: str | None = None, model: nn.Module | None = None,
+                 tokenizer: Callable | None = None) -> None:
+        if model is None or tokenizer is None:
+            try:
+                import transformers
+            except ImportError as err:
+                raise ImportError(
+                    f"the evaluator '{name_or_path}' is a Hugging Face model and needs the 'transformers' package: "
+                    "pip install transformers (or pip install 'lightning_ddd[text]'); offline, use an "
+                    "ARLanguageModel checkpoint or 'oracle' instead."
+                ) from err
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+            dtype = getattr(torch, torch_dtype) if torch_dtype else None
+            model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
+        self.model = model.to(device).eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name_or_path
+        self.batch_size = batch_size
+        config = getattr(model, "config", None)
+        context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        self.max_length = max_length or context or 1024
+
+    def score(self, samples: Samples) -> tuple[Tensor, Tensor]:
+        if isinstance(samples, Tensor):
+            raise TypeError(f"the evaluator '{self.name}' reads text; decode the samples first.")
+        ids = self.tokenizer(list(samples))["input_ids"]
+        # Windows of max_length tokens; window w of text i adds to row i.
+        windows = [(i, seq[start : start + self.max_length]) for i, seq in enumerate(ids)
+                   for start in range(0, len(seq), self.max_length)]
+        nll = torch.zeros(len(ids), dtype=torch.float64, device=self.device)
+        count = torch.zeros(len(ids), dtype=torch.float64, device=self.device)
+        for first in range(0, len(windows), self.batch_size):
+            rows, seqs = zip(*windows[first : first + self.batch_size])
+            lengths = torch.tensor([len(s) for s in seqs], device=self.device)
+            batch = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=self.device)  # (B, L)
+            for b, s in enumerate(seqs):
+                batch[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask = torch.arange(batch.shape[1], device=self.device)[None] < lengths[:, None]  # (B, L)
+            logits = self.model(input_ids=batch, attention_mask=mask.long()).logits  # (B, L, V')
+            log_probs = logits[:, :-1].float().log_softmax(-1).gather(-1, batch[:, 1:, None]).squeeze(-1)  # (B, L-1)
+            scored = mask[:, 1:]  # the first token of each window is context only
+            index = torch.tensor(rows, device=self.device)
+            nll = nll.index_add(0, index, -(log_probs * scored).sum(-1).double())
+            count = count.index_add(0, index, scored.sum(-1).double())
+        return nll, count
+
+
+def _as_tokens(samples: Samples, evaluator: Evaluator) -> Tensor:
+    if not isinstance(samples, Tensor):
+        raise TypeError(f"the evaluator '{evaluator.name}' reads token ids, not text; pass the (N, D) tokens.")
+    return samples.long()
+
+
+_EVALUATORS: dict[tuple, Evaluator] = {}
+
+
+def load_evaluator(spec: str, datamodule=None, device: str | torch.device = "cpu", batch_size: int = 16) -> Evaluator:
+    """Build (once per process) the evaluator that ``spec`` names.
+
+    Args:
+        spec: ``"oracle"`` (the data's exact density), the path of an ``ARLanguageModel`` checkpoint file, or a
+            Hugging Face model name or folder (e.g. ``"gpt2-large"``).
+        datamodule: the data (needed by ``"oracle"``).
+        device: where to run a model evaluator.
+        batch_size: sequences per forward pass.
+    """
+    if spec == "oracle":
+        if datamodule is None:
+            raise ValueError("the oracle evaluator needs the DataModule.")
+        return OracleEvaluator(datamodule)
+    device = torch.device(device)
+    if os.path.isfile(spec):
+        stat = os.stat(spec)
+        key = ("ar", os.path.abspath(spec), stat.st_mtime_ns, str(device), batch_size)
+        if key not in _EVALUATORS:
+            _EVALUATORS[key] = ARModelEvaluator(spec, device, batch_size)
+    else:
+        key = ("hf", spec, str(device), batch_size)
+        if key not in _EVALUATORS:
+            _EVALUATORS[key] = HFCausalLMEvaluator(spec, device, batch_size)
+    return _EVALUATORS[key]
+
+
+class GenerativePerplexity(Metric):
+    """Token-weighted generative perplexity: summed NLL and token counts are all-reduced, then divided.
+
+    ``update(samples)`` takes (N, D) token ids (decoded with ``decode`` first when the evaluator reads text) or
+    a list of texts. ``compute()`` returns ``{"gen_nll": nats per token, "gen_ppl": exp(gen_nll)}``.
+
+    Args:
+        evaluator: the scoring model (``load_evaluator``); held by reference, never in ``state_dict``.
+        decode: (N, D) ids -> N texts, for text evaluators (e.g. ``datamodule.decode``).
+    """
+
+    full_state_update = False
+
+    def __init__(self, evaluator: Evaluator, decode: Callable[[Tensor], list[str]] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.evaluator = evaluator
+        self.decode = decode
+        self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_tokens", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, samples: Samples) -> None:
+        nll, count = self.evaluator.nll(prepare_samples(samples, self.evaluator, self.decode))
+        self.nll_sum += nll.double().sum().to(self.device)
+        self.num_tokens += count.double().sum().to(self.device)
+
+    def compute(self) -> dict[str, Tensor]:
+        if self.num_tokens <= 0:
+            raise ValueError("GenerativePerplexity scored no tokens; samples were empty.")
+        nll = self.nll_sum / self.num_tokens
+        return {"gen_nll": nll, "gen_ppl": torch.exp(nll)}
+
+
+def prepare_samples(samples: Samples, evaluator: Evaluator, decode: Callable | None) -> Samples:
+    """What ``evaluator.score`` takes: decode token ids to text for text evaluators."""
+    if evaluator.wants_text and isinstance(samples, Tensor):
+        if decode is None:
+            raise ValueError(f"the evaluator '{evaluator.name}' reads text: pass decode (e.g. datamodule.decode).")
+        samples = decode(samples)
+        if isinstance(samples, Tensor):
+            raise ValueError(f"the evaluator '{evaluator.name}' reads text but this data decodes to images.")
+    return samples
