@@ -139,11 +139,13 @@ class MaskedProcess(DiscreteProcess):
 
     def x0_log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # the mask is never predicted: V outputs only
-        is_masked = (z_t == self.mask_id).unsqueeze(-1)
-        carried = torch.zeros_like(log_probs).masked_fill_(
-            F.one_hot(z_t.clamp_max(self.vocab_size - 1), self.vocab_size) == 0, float("-inf")
-        )
-        return torch.where(is_masked, log_probs, carried)
+        # Unmasked positions carry their token with probability one. Built with one masked_fill and a scatter
+        # (no (B, D, V) one-hot): at V = 50k and D = 1024 every extra full-size tensor costs gigabytes.
+        carried = (z_t != self.mask_id).unsqueeze(-1)  # (B, D, 1)
+        out = log_probs.masked_fill(carried, float("-inf"))
+        index = z_t.clamp_max(self.vocab_size - 1).unsqueeze(-1)  # (B, D, 1)
+        value = torch.where(carried, 0.0, out.gather(-1, index))
+        return out.scatter_(-1, index, value)  # in place: masked_fill does not need its output for backward
 
 
 class UniformProcess(DiscreteProcess):
