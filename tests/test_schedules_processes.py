@@ -144,3 +144,16 @@ def test_float64_gumbel_matches_probabilities():
     assert torch.allclose(freq, p, atol=0.01) and freq[3] == 0
     with pytest.raises(ValueError, match="precision"):
         sample_categorical(p.log(), g, precision="float16")
+
+
+def test_masked_x_prediction_gradient_matches_plain_log_softmax():
+    process = MaskedProcess(5)
+    logits = torch.randn(2, 4, 5, requires_grad=True)
+    z = torch.tensor([[5, 1, 5, 2], [0, 5, 5, 5]])
+    target = torch.tensor([[0, 1, 2, 2], [0, 1, 1, 1]])
+    lp = process.x0_log_probs(logits, z)
+    lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)[z == 5].sum().backward()
+    reference = logits.detach().clone().requires_grad_(True)
+    torch.log_softmax(reference, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)[z == 5].sum().backward()
+    assert torch.allclose(logits.grad, reference.grad)
+    assert lp[0, 1, 1] == 0 and torch.isinf(lp[0, 1, 0])

@@ -144,7 +144,7 @@ class MaskedProcess(DiscreteProcess):
         carried = (z_t != self.mask_id).unsqueeze(-1)  # (B, D, 1)
         out = log_probs.masked_fill(carried, float("-inf"))
         index = z_t.clamp_max(self.vocab_size - 1).unsqueeze(-1)  # (B, D, 1)
-        value = torch.where(carried, 0.0, out.gather(-1, index))
+        value = torch.where(carried, 0.0, log_probs.gather(-1, index))
         return out.scatter_(-1, index, value)  # in place: masked_fill does not need its output for backward
 
 
