@@ -74,3 +74,15 @@ def test_teacher_learns(uniform):
     after = trainer().validate(model, data, verbose=False)[0]["val/nll"]
     assert after < before - 0.1, (before, after)
     assert after > data.exact_entropy() / 8 - 0.05  # a bound cannot beat the true entropy (up to noise)
+
+
+def test_deep_copy_shares_optimiser_factories():
+    # EMA deep-copies the module; the CLI's factories reference the trainer, which holds locks.
+    import copy
+    import threading
+
+    lock = threading.Lock()
+    model = DiffusionTeacher(5, 8, backbone=tiny_backbone(), optimizer=lambda p, _lock=lock: torch.optim.SGD(p, 0.1))
+    clone = copy.deepcopy(model)
+    assert clone.optimizer_factory is model.optimizer_factory
+    assert clone.backbone is not model.backbone

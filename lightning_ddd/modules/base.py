@@ -19,6 +19,34 @@ ProcessFactory = Callable[[int], DiscreteProcess]
 BackboneFactory = Callable[[int, int, int], nn.Module]
 
 
+class Shared:
+    """Holds an object by reference through deep copies.
+
+    Lightning's EMA callback deep-copies the whole module: it must neither duplicate a frozen teacher nor
+    copy the CLI's optimiser factories (they reference the CLI and its trainer, which cannot be pickled
+    under DDP).
+    """
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict) -> "Shared":
+        return self
+
+
+class shared_attribute:
+    """A module attribute stored in a :class:`Shared` holder (kept by reference in deep copies)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = f"_shared_{name}"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else obj.__dict__[self.key].value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.key] = Shared(value)
+
+
 class DiffusionModule(pl.LightningModule):
     """Base class: owns the forward process and the denoising backbone, and the optimiser set-up.
 
@@ -35,6 +63,9 @@ class DiffusionModule(pl.LightningModule):
         lr_scheduler: optional LR schedule, built as ``lr_scheduler(optimizer)`` and stepped every step.
         seed: seed of the training and validation noise.
     """
+
+    optimizer_factory = shared_attribute()
+    lr_scheduler_factory = shared_attribute()
 
     def __init__(
         self,

@@ -12,20 +12,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
 
 from lightning_ddd.checkpoints import CheckpointError, checkpoint_class, file_sha256, validate_checkpoint
-from lightning_ddd.modules.base import DiffusionModule
-
-
-class _Frozen:
-    """Holds a module out of its owner's children, state_dict and deep copies (the EMA copy shares it)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __deepcopy__(self, memo: dict) -> "_Frozen":
-        return self
+from lightning_ddd.modules.base import DiffusionModule, Shared
 
 
 def load_teacher(path: str) -> DiffusionModule:
@@ -78,21 +67,21 @@ class DistilledStudent(DiffusionModule):
             seed=seed,
         )
         self.backbone.requires_grad_(True)
-        self._teacher = _Frozen(teacher)
+        self._teacher = Shared(teacher)  # out of children, state_dict and EMA copies
         self.save_hyperparameters()
         self.hparams["teacher_sha256"] = file_sha256(teacher_ckpt)
 
     @property
     def teacher(self) -> DiffusionModule:
         """The frozen teacher, moved to the student's device on first use."""
-        teacher = self._teacher.module
+        teacher = self._teacher.value
         if next(teacher.parameters()).device != self.device:
             teacher.to(self.device)
         return teacher
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self._teacher.module.eval()  # the teacher never leaves eval mode
+        self._teacher.value.eval()  # the teacher never leaves eval mode
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
