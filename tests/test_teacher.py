@@ -81,8 +81,18 @@ def test_deep_copy_shares_optimiser_factories():
     import copy
     import threading
 
-    lock = threading.Lock()
-    model = DiffusionTeacher(5, 8, backbone=tiny_backbone(), optimizer=lambda p, _lock=lock: torch.optim.SGD(p, 0.1))
+    class Factory:  # like the CLI's wrapped constructors: holds something that cannot be copied
+        lock = None
+
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __call__(self, params):
+            return torch.optim.SGD(params, 0.1)
+
+    with pytest.raises(TypeError):
+        copy.deepcopy(Factory())
+    model = DiffusionTeacher(5, 8, backbone=tiny_backbone(), optimizer=Factory())
     clone = copy.deepcopy(model)
     assert clone.optimizer_factory is model.optimizer_factory
     assert clone.backbone is not model.backbone
