@@ -50,7 +50,7 @@ class DiffusionTeacher(DiffusionModule):
         seed: int = 0,
     ) -> None:
         super().__init__(vocab_size, seq_len, process, backbone, optimizer, lr_scheduler, seed)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])  # factories: not hyperparameters, not copyable
         self.loss = loss if loss is not None else TimeDCE()
         self.val_loss = val_loss if val_loss is not None else self.loss
         if val_num_draws < 1:
