@@ -60,7 +60,7 @@ class ARLanguageModel(DiffusionModule):
         seed: int = 0,
     ) -> None:
         super().__init__(vocab_size, seq_len, BOSInput, backbone, optimizer, lr_scheduler, seed)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])  # factories: not hyperparameters, not copyable
         self.val_nll = NLLMetric()
 
     @property

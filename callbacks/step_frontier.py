@@ -1,0 +1,101 @@
+"""Sample quality against the number of sampling steps, for the model and (for a student) its teacher."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import lightning.pytorch as pl
+
+from lightning_ddd.evaluation import MetricOptions, SamplingSettings, generate
+
+from callbacks._logging import log_figure, log_scalars
+from callbacks._plots import data_references, metric_lines
+from callbacks._scheduled import ScheduledSampling
+
+#: per-setting numbers that describe cost, not quality: logged, but not plotted
+_COST = ("mean_nfe", "seconds_per_sample")
+
+
+class StepFrontier(ScheduledSampling):
+    """Quality vs number of sampling steps: the curve a few-step student must push down and to the left.
+
+    For every step count, samples are drawn with the same seed from the model being trained and, when the
+    module is a distilled student (it has a ``teacher``), from its frozen teacher. The teacher never changes
+    during training, so its numbers are computed once and logged again next to each evaluation.
+
+    Scalars: ``frontier/<metric>/steps=<n>`` for the model and ``frontier/teacher/<metric>/steps=<n>`` for
+    the teacher, for ``entropy``, ``oracle_nll`` (data with a known density), what ``metrics`` turns on,
+    ``mean_nfe`` and ``seconds_per_sample``. Image: ``frontier/plot``, each quality metric against steps.
+    Runs on rank 0 with the EMA weights when EMA is on (see ``callbacks._sampling``).
+
+    Args:
+        steps: sampling step counts.
+        num_samples: samples per step count.
+        seed: seed of every step count's sampler (model and teacher alike).
+        every_n_steps: evaluate every this many optimiser steps (None: only at the end of training).
+        at_fit_end: also evaluate once when training ends.
+        temperature: softmax temperature of the x-prediction.
+        top_p: nucleus mass kept (1.0 = off).
+        top_k: most likely tokens kept (0 = off).
+        precision: dtype of the categorical draws ("float64" or "float32").
+        batch_size: samples drawn at once.
+        cache: use the RADD caching sampler (masked, time-independent models).
+        teacher: also evaluate a student's teacher.
+        metrics: metrics beyond entropy and the oracle NLL, as for the ``evaluate`` subcommand, e.g.
+            ``{evaluator: gpt2-large}`` for generative perplexity or ``{fid: true}`` for image data.
+    """
+
+    def __init__(
+        self,
+        steps: list[int] = [4, 8, 16, 32, 64, 128, 256, 512, 1024],
+        num_samples: int = 64,
+        seed: int = 0,
+        every_n_steps: int | None = None,
+        at_fit_end: bool = True,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        precision: str = "float64",
+        batch_size: int = 64,
+        cache: bool = False,
+        teacher: bool = True,
+        metrics: MetricOptions | None = None,
+    ) -> None:
+        super().__init__(every_n_steps, at_fit_end, metrics)
+        if not steps:
+            raise ValueError("StepFrontier: steps needs at least one step count.")
+        base = SamplingSettings(steps[0], temperature, top_p, top_k, precision, seed, num_samples, batch_size, cache)
+        self.grid = [replace(base, steps=n) for n in sorted(set(steps))]
+        for settings in self.grid:
+            settings.validate()  # a bad value fails when the config is read, not after hours of training
+        self.include_teacher = teacher
+        self._teacher_rows: list[dict] | None = None
+
+    def _frontier(self, model, trainer: pl.Trainer, label: str) -> list[dict]:
+        rows = []
+        for settings in self.grid:
+            tokens, nfe, seconds = generate(model, settings)  # (N, D), (N,)
+            rows.append({"model": label, "steps": settings.steps,
+                         **self.score(tokens),
+                         "mean_nfe": nfe.float().mean().item(), "seconds_per_sample": seconds / settings.num_samples})
+        return rows
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows = self._frontier(pl_module, trainer, "model")
+        teacher = getattr(pl_module, "teacher", None) if self.include_teacher else None
+        if teacher is not None:
+            if self._teacher_rows is None:
+                self._teacher_rows = self._frontier(teacher, trainer, "teacher")
+            rows += self._teacher_rows
+        scalars = {}
+        for row in rows:
+            prefix = "frontier/" if row["model"] == "model" else "frontier/teacher/"
+            scalars.update({f"{prefix}{name}/steps={row['steps']}": value for name, value in row.items()
+                            if name not in ("model", "steps")})
+        log_scalars(trainer, scalars)
+        quality = [name for name in dict.fromkeys(k for row in rows for k in row)
+                   if name not in ("model", "steps", *_COST)]
+        figure = metric_lines(rows, "steps", "model", quality, "sampling steps", log2_x=True,
+                              title=f"step frontier, step {trainer.global_step}",
+                              references=data_references(trainer.datamodule))
+        log_figure(trainer, "frontier/plot", figure)
