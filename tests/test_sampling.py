@@ -26,7 +26,6 @@ class TableDenoiser:
         self.table = table.float()  # (S, D, V) or (n + 1, S, D, V)
         self.num_input_tokens = num_input_tokens
         self.num_steps = num_steps
-        self.calls = 0
 
     def state_index(self, z):
         D = z.shape[1]
@@ -34,7 +33,6 @@ class TableDenoiser:
         return (z * weights).sum(-1)  # (B,) base-V_in number of the state
 
     def __call__(self, z, t):
-        self.calls += 1
         idx = self.state_index(z)
         if self.num_steps is None:
             return self.table[idx]
@@ -321,7 +319,7 @@ def test_uniform_sampler_matches_exact_distribution(temperature):
 
 
 def test_masked_many_steps_approaches_any_order_mixture():
-    V, D, N, n = 2, 3, 8_000, 256
+    V, D, N, n = 2, 3, 4_000, 256
     table = masked_table(V, D, seed=7, scale=3.0)
     target = any_order_mixture(table, V, D)
     one_step = exact_masked(table, V, D, 1)  # all dimensions drawn independently given the all-mask state
@@ -342,7 +340,7 @@ def test_cached_equals_uncached():
     fixed[:, :3] = torch.tensor([1, 2, 3])
     fixed[::2, 10] = 5
     for kwargs in ({}, {"temperature": 0.8, "top_p": 0.9, "top_k": 4}, {"fixed": fixed}, {"precision": "float32"}):
-        for n in (5, 20, 80):
+        for n in (5, 40):
             runs = [
                 sample(net, process, 64, 20, n, cache=c, generator=torch.Generator().manual_seed(n), **kwargs)
                 for c in (False, True)
@@ -350,6 +348,21 @@ def test_cached_equals_uncached():
             assert torch.equal(runs[0].tokens, runs[1].tokens), (kwargs, n)
             assert torch.equal(runs[0].nfe, torch.full((64,), n))
             assert (runs[1].nfe <= n).all() and (runs[1].nfe >= 1).all()
+
+
+def test_cached_nfe_is_the_number_of_unmasking_steps():
+    """RADD's count: the cached NFE of a sequence = the number of distinct steps in which it unmasks something."""
+    process = MaskedProcess(5)
+    net = TinyNet(process)
+    inputs = []
+    recorder = lambda z, t: inputs.append(z.clone()) or net(z)
+    n = 24
+    uncached = sample(recorder, process, 40, 12, n, generator=torch.Generator().manual_seed(0))
+    cached = sample(net, process, 40, 12, n, cache=True, generator=torch.Generator().manual_seed(0))
+    trajectory = torch.stack(inputs + [uncached.tokens])  # (n + 1, B, D): z_1, ..., z_{1/n}, output
+    unmasking_steps = (trajectory[1:] != trajectory[:-1]).any(-1).sum(0)  # (B,)
+    assert torch.equal(cached.nfe, unmasking_steps)
+    assert torch.equal(cached.tokens, uncached.tokens)
 
 
 @pytest.mark.parametrize("steps_per_dim", [1, 4])

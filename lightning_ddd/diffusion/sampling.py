@@ -159,7 +159,7 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    precision: str = "float64",
+    precision: str | torch.dtype = "float64",
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     cache: bool = False,
@@ -167,7 +167,7 @@ def sample(
     fixed: Tensor | None = None,
     progress: bool = False,
 ) -> SampleOutput:
-    """Ancestral k-step sampling of masked or uniform diffusion, optionally with the RADD caching sampler.
+    """Ancestral k-step sampling of masked or uniform diffusion, optionally with RADD caching (Ou et al., 2025).
 
     Steps run on t_k = k / num_steps for k = num_steps .. 1. At each step x_hat ~ filtered p_theta(. | z_t)
     per dimension, then z_s ~ q(z_s | z_t, x_hat); the last step returns x_hat at every still-masked (masked)
