@@ -1,6 +1,9 @@
-"""LightningModules: the shared base and the teacher (students subclass the base)."""
+"""LightningModules: the shared base, the teacher, the distilled students and the AR evaluator model."""
 
+from lightning_ddd.modules.autoregressive import ARLanguageModel
 from lightning_ddd.modules.base import DiffusionModule
+from lightning_ddd.modules.dmmd_student import DMMDStudent
+from lightning_ddd.modules.student import DistilledStudent
 from lightning_ddd.modules.teacher import DiffusionTeacher
 
-__all__ = ["DiffusionModule", "DiffusionTeacher"]
+__all__ = ["ARLanguageModel", "DMMDStudent", "DiffusionModule", "DiffusionTeacher", "DistilledStudent"]

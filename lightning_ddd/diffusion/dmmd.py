@@ -1,0 +1,181 @@
+"""D-MMD distillation losses (Hoogeboom et al., 2026, "Beyond Single Tokens: Distilling Discrete Diffusion
+Models via Discrete MMD"), as pure tensor functions.
+
+Three x-predictions meet at a partly denoised ``z_s``: the frozen teacher's ``l_theta``, the auxiliary
+model's ``l_phi`` (trained to denoise the student's own samples) and the student's ``p`` at the noisier
+``z_t`` that produced ``z_s``. The generator loss moves ``p`` towards tokens the teacher finds more likely
+than the auxiliary does; the auxiliary loss keeps the auxiliary the denoiser of the student's samples.
+
+Shapes: ids (B, D) long; per-token distributions (B, D, V) fp32; times and weights (B,); every loss is a
+(B,) per-sequence sum in nats (divide by D for per-token numbers).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_ddd.diffusion.processes import DiscreteProcess, MaskedProcess
+from lightning_ddd.diffusion.schedules import NoiseSchedule
+
+AuxTarget = Literal["soft", "hard"]
+Weighting = Literal["elbo", "constant"]
+
+__all__ = [
+    "AuxTarget",
+    "Weighting",
+    "aux_targets",
+    "auxiliary_loss",
+    "draw_times",
+    "generator_loss",
+    "loss_positions",
+    "loss_weight",
+    "masked_mean",
+    "shape_teacher",
+    "soft_top_p",
+]
+
+
+def draw_times(
+    batch_size: int, num_steps: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """Per-example times ``s ~ U(0, 1]``, ``delta ~ U(0, 1/k)``, ``t = min(1, s + delta)``: (s, t), each (B,).
+
+    ``delta`` is at most one of the student's k sampling steps, so z_s is what the student's step from t
+    reveals. s is drawn from (0, 1] rather than [0, 1) so that the ELBO weight ``w(s)`` stays finite.
+    """
+    if num_steps < 1:
+        raise ValueError(f"draw_times: num_steps={num_steps} must be >= 1.")
+    s = 1.0 - torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)  # (B,) in (0, 1]
+    delta = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64) / num_steps
+    return s, (s + delta).clamp_max(1.0)
+
+
+def loss_weight(schedule: NoiseSchedule, s: Tensor, weighting: Weighting = "elbo") -> Tensor:
+    """w(s), (B,) fp32: the schedule's ELBO weight ``-alpha'_s / (1 - alpha_s)`` (1/s for log-linear) or 1."""
+    if weighting == "elbo":
+        return schedule.weight(s.to(torch.float64)).float()
+    if weighting == "constant":
+        return torch.ones_like(s, dtype=torch.float32)
+    raise ValueError(f"weighting='{weighting}' is not one of 'elbo', 'constant'.")
+
+
+def soft_top_p(log_probs: Tensor, top_p: float, shift: float = 2.0) -> Tensor:
+    """Soft nucleus: lower every class outside the top-p set by ``shift`` nats, then renormalise.
+
+    A hard cut (-1e20 outside the nucleus) makes ``l_phi - l_theta`` astronomically large wherever the
+    student puts mass on a cut token, and training diverges; a finite shift keeps the gradient bounded.
+
+    Args:
+        log_probs: (..., V) log-probabilities; ``-inf`` entries stay ``-inf``.
+        top_p: nucleus mass in (0, 1]; the most likely classes whose preceding mass is below top_p are kept
+            (always at least the argmax). 1.0 returns ``log_probs`` unchanged.
+        shift: Delta, nats subtracted outside the nucleus (>= 0).
+
+    Returns:
+        (..., V) log-probabilities, normalised over the last dim.
+    """
+    if not 0.0 < top_p <= 1.0 or shift < 0:
+        raise ValueError(f"soft_top_p: need 0 < top_p <= 1 and shift >= 0, got {top_p}, {shift}.")
+    if top_p == 1.0:
+        return log_probs
+    sorted_lp, order = log_probs.sort(dim=-1, descending=True, stable=True)  # (..., V)
+    probs = sorted_lp.double().exp()
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely classes
+    # A class whose preceding mass is top_p up to the input's round-off is outside (0.5 + 0.3 vs 0.8).
+    tol = 1e-9 if log_probs.dtype == torch.float64 else 1e-6
+    inside_sorted = mass_before < top_p - tol
+    inside_sorted[..., 0] = True
+    inside = torch.zeros_like(inside_sorted).scatter_(-1, order, inside_sorted)  # (..., V)
+    return torch.log_softmax(log_probs - shift * (~inside).to(log_probs.dtype), dim=-1)
+
+
+def shape_teacher(log_probs: Tensor, temperature: float = 1.0, top_p: float = 1.0, shift: float = 2.0) -> Tensor:
+    """l_theta: the teacher's log-probs at temperature tau (``log_softmax(l / tau)``), then the soft top-p."""
+    if not temperature > 0:
+        raise ValueError(f"shape_teacher: temperature={temperature} must be > 0.")
+    out = log_probs.float()
+    if temperature != 1.0:
+        out = torch.log_softmax(out / temperature, dim=-1)  # -inf (carried tokens) stays -inf, 0 stays 0
+    return soft_top_p(out, top_p, shift)
+
+
+def loss_positions(z_s: Tensor, process: DiscreteProcess) -> Tensor | None:
+    """(B, D) bool of the positions the losses sum over: masked in z_s (masked process), else all (None).
+
+    Elsewhere both the teacher and the auxiliary carry the visible token: their log-probs are 0 / -inf and
+    their difference is undefined (-inf - -inf), while the true difference is zero.
+    """
+    return z_s == process.mask_id if isinstance(process, MaskedProcess) else None
+
+
+def _select(values: Tensor, positions: Tensor | None) -> Tensor:
+    """Zero (B, D, V) ``values`` outside ``positions`` *before* any arithmetic, so -inf never meets -inf."""
+    if positions is None:
+        return values
+    return torch.where(positions.unsqueeze(-1), values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def generator_loss(
+    p: Tensor, aux_log_probs: Tensor, teacher_log_probs: Tensor, weight: Tensor, positions: Tensor | None = None
+) -> Tensor:
+    """L_GEN = ``w(s) sum_d sum_c p[d,c] (l_phi - l_theta)[d,c]``, per sequence (B,).
+
+    Only ``p`` carries gradient (the student's); the log-prob difference is a fixed per-class cost, so the
+    gradient w.r.t. the student's logits a is ``w p_c (g_c - sum_c' p_c' g_c')`` with g = l_phi - l_theta.
+
+    Args:
+        p: (B, D, V) the student's x-prediction at z_t (with grad).
+        aux_log_probs: (B, D, V) l_phi at z_s.
+        teacher_log_probs: (B, D, V) l_theta at z_s (temperature / top-p already applied).
+        weight: (B,) w(s).
+        positions: (B, D) bool positions to sum over (``loss_positions``), None = all.
+    """
+    cost = _select(aux_log_probs.detach().float(), positions) - _select(teacher_log_probs.detach().float(), positions)
+    per_token = (_select(p.float(), positions) * cost).sum(-1)  # (B, D)
+    return weight * per_token.sum(-1)
+
+
+def aux_targets(p: Tensor, x: Tensor, kind: AuxTarget) -> Tensor:
+    """y, (B, D, V): the student's x-prediction ``p.detach()`` ("soft") or its sample ``onehot(x)`` ("hard").
+
+    Soft is an unbiased, lower-variance target only when x^d is independent of z_s given the student's
+    inputs, which holds at the positions still masked in z_s (masked process). Under uniform noise z_s
+    depends on x at every position, so the target must be hard.
+    """
+    if kind == "soft":
+        return p.detach().float()
+    if kind == "hard":
+        return F.one_hot(x, p.shape[-1]).float()
+    raise ValueError(f"aux_target='{kind}' is not one of 'soft', 'hard'.")
+
+
+def auxiliary_loss(
+    aux_log_probs: Tensor, teacher_log_probs: Tensor, target: Tensor, weight: Tensor, positions: Tensor | None = None
+) -> Tensor:
+    """L_AUX = ``-w(s) sum_d sum_c (y + exp(l_theta))[d,c] log p_phi[d,c]``, per sequence (B,).
+
+    Its minimiser is ``p_phi = (E[y | z_s] + p_theta) / 2``, which equals the teacher exactly when the
+    student's samples are the teacher's; the value is a cross-entropy, so it is not zero there.
+
+    Args:
+        aux_log_probs: (B, D, V) log p_phi at z_s (with grad; finite at the summed positions).
+        teacher_log_probs: (B, D, V) l_theta at z_s.
+        target: (B, D, V) y from ``aux_targets``.
+        weight: (B,) w(s).
+        positions: (B, D) bool positions to sum over, None = all.
+    """
+    mix = _select(target.detach().float(), positions) + _select(teacher_log_probs.detach().float(), positions).exp()
+    per_token = -(mix * _select(aux_log_probs.float(), positions)).sum(-1)  # (B, D); 0 outside positions
+    return weight * per_token.sum(-1)
+
+
+def masked_mean(values: Tensor, positions: Tensor | None) -> Tensor:
+    """Mean of (B, D) ``values`` over ``positions`` (all when None); 0 when there are none."""
+    if positions is None:
+        return values.mean()
+    count = positions.sum()
+    return torch.where(positions, values, torch.zeros_like(values)).sum() / count.clamp_min(1)
