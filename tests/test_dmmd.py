@@ -201,6 +201,7 @@ def test_checkpoint_has_no_teacher_and_records_its_hash(teacher_ckpt, tmp_path):
     assert len(state["state_dict"]) > len(teacher_keys)  # student (with its noise input) + auxiliary, no teacher
     assert state["teacher_sha256"] == state["hyper_parameters"]["teacher_sha256"] == file_sha256(teacher_ckpt)
     assert len(state["optimizer_states"]) == 2 and len(state["lr_schedulers"]) == 2
+    assert not {"optimizer", "aux_optimizer", "lr_scheduler", "aux_lr_scheduler"} & set(state["hyper_parameters"])
     with pytest.raises(ValueError, match="original teacher"):  # a resumed student checks its teacher file
         DMMDStudent(teacher_ckpt, teacher_sha256="0" * 64)
     # It samples in k steps through the shared hook, with fresh seeded noise at every step.

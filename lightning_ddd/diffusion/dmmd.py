@@ -4,7 +4,8 @@ Models via Discrete MMD"), as pure tensor functions.
 Three x-predictions meet at a partly denoised ``z_s``: the frozen teacher's ``l_theta``, the auxiliary
 model's ``l_phi`` (trained to denoise the student's own samples) and the student's ``p`` at the noisier
 ``z_t`` that produced ``z_s``. The generator loss moves ``p`` towards tokens the teacher finds more likely
-than the auxiliary does; the auxiliary loss keeps the auxiliary the denoiser of the student's samples.
+than the auxiliary does; the auxiliary loss keeps the auxiliary at the average of the teacher and the
+denoiser of the student's samples, so the two agree exactly when the student samples the teacher.
 
 Shapes: ids (B, D) long; per-token distributions (B, D, V) fp32; times and weights (B,); every loss is a
 (B,) per-sequence sum in nats (divide by D for per-token numbers).

@@ -23,6 +23,7 @@ from torch import Tensor
 from lightning_ddd.diffusion import dmmd
 from lightning_ddd.diffusion.categorical import sample_categorical
 from lightning_ddd.diffusion.processes import MaskedProcess
+from lightning_ddd.modules.base import shared_attribute
 from lightning_ddd.modules.student import DistilledStudent
 
 TRAIN_STREAM = 0
@@ -61,8 +62,8 @@ class DMMDStudent(DistilledStudent):
             sampled tokens; required for uniform). None: soft for masked, hard for uniform.
         weighting: w(s), "elbo" (the schedule's ELBO weight, 1/s for log-linear) or "constant".
         noise_dim: size of the per-position Gaussian noise input (0 = off). None: 16 for masked, 0 for uniform.
-        gradient_clip_val: max gradient norm of each model per iteration (0 = off); manual optimisation
-            ignores the Trainer's ``gradient_clip_val``.
+        gradient_clip_val: max gradient norm of each model per iteration (0 = off); the Trainer's own
+            ``gradient_clip_val`` must stay unset (Lightning refuses it under manual optimisation).
         optimizer: optimiser of the student.
         aux_optimizer: optimiser of the auxiliary model. It must track the student: give it a learning rate
             at least the student's (3x the student's was stable where equal rates let the student run ahead).
@@ -72,6 +73,9 @@ class DMMDStudent(DistilledStudent):
         teacher_sha256: expected hash of the teacher file; filled in from the checkpoint when resuming or
             evaluating (leave it unset), and checked so that a changed teacher file fails early.
     """
+
+    aux_optimizer_factory = shared_attribute()
+    aux_lr_scheduler_factory = shared_attribute()
 
     def __init__(
         self,
@@ -94,6 +98,8 @@ class DMMDStudent(DistilledStudent):
         teacher_sha256: str | None = None,
     ) -> None:
         super().__init__(teacher_ckpt, vocab_size, seq_len, optimizer, lr_scheduler, seed)
+        # Like the student's own: factories are not hyperparameters (and a lambda cannot be pickled).
+        self.remove_ignored_hparams(["aux_optimizer", "aux_lr_scheduler"])
         if teacher_sha256 is not None and teacher_sha256 != self.hparams.teacher_sha256:
             raise ValueError(
                 f"DMMDStudent: the teacher '{teacher_ckpt}' has sha256 {self.hparams.teacher_sha256} but this student "

@@ -68,7 +68,7 @@ class DistilledStudent(DiffusionModule):
         )
         self.backbone.requires_grad_(True)
         self._teacher = Shared(teacher)  # out of children, state_dict and EMA copies
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])  # factories: not hyperparameters, not copyable
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "aux_optimizer", "aux_lr_scheduler"])  # factories: not hyperparameters, not copyable
         self.hparams["teacher_sha256"] = file_sha256(teacher_ckpt)
 
     @property
