@@ -7,7 +7,6 @@ LightningCLI builds a subcommand for each Trainer method it is told about; the w
 from __future__ import annotations
 
 import itertools
-import os
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info

@@ -6,7 +6,6 @@ probabilities over clean tokens: (B, D, V); over noisy tokens: (B, D, V_in) with
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 
 import torch

@@ -8,39 +8,16 @@ denoiser must never be causal and the AR model needs no time or conditioning inp
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ddd.nn.transformer import MLP, DenoisingTransformer, apply_rope, rope_angles
+from lightning_ddd.nn.transformer import MLP, DenoisingTransformer, SelfAttention, rope_angles
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention with RoPE and a causal mask.
-
-    Args:
-        d_model: width of the residual stream.
-        n_heads: number of attention heads; must divide ``d_model``.
-        dropout: dropout on attention weights and on the output projection.
-    """
+class CausalSelfAttention(SelfAttention):
+    """:class:`SelfAttention` with a causal mask: position i attends to positions <= i."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, angles: Tensor) -> Tensor:
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=-1)  # (B, L, D) each
-        q, k, v = (y.view(B, L, self.n_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))  # (B, H, L, hd)
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, H, L, hd)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, L, D)))
+        super().__init__(d_model, n_heads, dropout, causal=True)
 
 
 class CausalBlock(nn.Module):

@@ -70,16 +70,18 @@ def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention with RoPE on queries and keys.
+    """Multi-head self-attention with RoPE on queries and keys; bidirectional unless ``causal``.
 
     Args:
         d_model: width of the residual stream.
         n_heads: number of attention heads; must divide ``d_model``.
         dropout: dropout on attention weights and on the output projection.
+        causal: mask future positions (the autoregressive evaluator); the denoiser is bidirectional.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = False) -> None:
         super().__init__()
+        self.causal = causal
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
@@ -94,7 +96,7 @@ class SelfAttention(nn.Module):
         q, k, v = (y.view(B, L, self.n_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))
         q, k = apply_rope(q, angles), apply_rope(k, angles)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=False
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
         )  # (B, H, L, head_dim)
         y = y.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
         return self.resid_dropout(self.proj(y))
