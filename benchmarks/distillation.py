@@ -15,7 +15,6 @@ configs/quickstart/<name>.yaml with the teacher's checkpoint, then evaluates eve
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 
@@ -28,10 +27,9 @@ TEACHER_CONFIG = "configs/quickstart/teacher.yaml"
 
 def fit(config: str, root: str, extra: list[str]) -> str:
     """Train with ``config`` under ``root``; return the path of the last checkpoint."""
-    main(["fit", "-c", config, "--trainer.default_root_dir", root, "--trainer.logger.init_args.save_dir", root,
-          "--trainer.enable_progress_bar", "false", *extra])
-    (path,) = glob.glob(os.path.join(root, "**", "last.ckpt"), recursive=True)
-    return path
+    cli = main(["fit", "-c", config, "--trainer.default_root_dir", root, "--trainer.logger.init_args.save_dir", root,
+                "--trainer.enable_progress_bar", "false", *extra])
+    return cli.trainer.checkpoint_callback.last_model_path  # configs may pin their own checkpoint folder
 
 
 def evaluate(config: str, ckpt: str, steps: list[int], args, out: str, extra: list[str]) -> list[dict]:

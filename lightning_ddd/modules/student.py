@@ -67,6 +67,7 @@ class DistilledStudent(DiffusionModule):
             seed=seed,
         )
         self.backbone.requires_grad_(True)
+        self.backbone.train()  # the copy inherits the loaded teacher's eval mode; Lightning keeps module modes
         self._teacher = Shared(teacher)  # out of children, state_dict and EMA copies
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "aux_optimizer", "aux_lr_scheduler"])  # factories: not hyperparameters, not copyable
         self.hparams["teacher_sha256"] = file_sha256(teacher_ckpt)
