@@ -3,7 +3,15 @@
 from lightning_ddd.modules.autoregressive import ARLanguageModel
 from lightning_ddd.modules.base import DiffusionModule
 from lightning_ddd.modules.dmmd_student import DMMDStudent
+from lightning_ddd.modules.mixture_student import MixtureStudent
 from lightning_ddd.modules.student import DistilledStudent
 from lightning_ddd.modules.teacher import DiffusionTeacher
 
-__all__ = ["ARLanguageModel", "DMMDStudent", "DiffusionModule", "DiffusionTeacher", "DistilledStudent"]
+__all__ = [
+    "ARLanguageModel",
+    "DMMDStudent",
+    "DiffusionModule",
+    "DiffusionTeacher",
+    "DistilledStudent",
+    "MixtureStudent",
+]

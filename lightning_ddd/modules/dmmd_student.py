@@ -70,8 +70,7 @@ class DMMDStudent(DistilledStudent):
         lr_scheduler: optional LR schedule of the student, stepped at every student update.
         aux_lr_scheduler: optional LR schedule of the auxiliary, stepped at every auxiliary update.
         seed: seed of the training noise.
-        teacher_sha256: expected hash of the teacher file; filled in from the checkpoint when resuming or
-            evaluating (leave it unset), and checked so that a changed teacher file fails early.
+        teacher_sha256: expected hash of the teacher file (leave unset; see ``DistilledStudent``).
     """
 
     aux_optimizer_factory = shared_attribute()
@@ -97,14 +96,9 @@ class DMMDStudent(DistilledStudent):
         seed: int = 0,
         teacher_sha256: str | None = None,
     ) -> None:
-        super().__init__(teacher_ckpt, vocab_size, seq_len, optimizer, lr_scheduler, seed)
+        super().__init__(teacher_ckpt, vocab_size, seq_len, optimizer, lr_scheduler, seed, teacher_sha256)
         # Like the student's own: factories are not hyperparameters (and a lambda cannot be pickled).
         self.remove_ignored_hparams(["aux_optimizer", "aux_lr_scheduler"])
-        if teacher_sha256 is not None and teacher_sha256 != self.hparams.teacher_sha256:
-            raise ValueError(
-                f"DMMDStudent: the teacher '{teacher_ckpt}' has sha256 {self.hparams.teacher_sha256} but this student "
-                f"was trained against {teacher_sha256}; resume or evaluate with the original teacher file."
-            )
         masked = isinstance(self.process, MaskedProcess)
         aux_target = aux_target or ("soft" if masked else "hard")
         noise_dim = (DEFAULT_MASKED_NOISE_DIM if masked else 0) if noise_dim is None else noise_dim

@@ -39,6 +39,8 @@ class DistilledStudent(DiffusionModule):
         optimizer: optimiser of the student's parameters.
         lr_scheduler: optional LR schedule, stepped every optimiser step.
         seed: seed of the training noise.
+        teacher_sha256: expected hash of the teacher file; filled in from the checkpoint when resuming or
+            evaluating (leave it unset), and checked so that a changed teacher file fails early.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class DistilledStudent(DiffusionModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
+        teacher_sha256: str | None = None,
     ) -> None:
         teacher = load_teacher(teacher_ckpt)
         for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len)):
@@ -71,6 +74,11 @@ class DistilledStudent(DiffusionModule):
         self._teacher = Shared(teacher)  # out of children, state_dict and EMA copies
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "aux_optimizer", "aux_lr_scheduler"])  # factories: not hyperparameters, not copyable
         self.hparams["teacher_sha256"] = file_sha256(teacher_ckpt)
+        if teacher_sha256 is not None and teacher_sha256 != self.hparams.teacher_sha256:
+            raise ValueError(
+                f"{type(self).__name__}: the teacher '{teacher_ckpt}' has sha256 {self.hparams.teacher_sha256} but "
+                f"this student was trained against {teacher_sha256}; resume or evaluate with the original teacher file."
+            )
 
     @property
     def teacher(self) -> DiffusionModule:
