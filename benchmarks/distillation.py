@@ -71,7 +71,9 @@ def run(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num-samples", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/distillation")
-    parser.add_argument("--student-args", nargs="*", default=[], help="extra CLI arguments for every student fit")
+    parser.add_argument("--student-arg", dest="student_args", action="append", default=[], metavar="ARG",
+                        help="an extra CLI argument for every student fit, in the = form and repeated for several: "
+                             "--student-arg=--trainer.max_steps=3000")
     args = parser.parse_args(argv)
 
     teacher = args.teacher_ckpt or fit(TEACHER_CONFIG, os.path.join(args.out, "teacher"), [])

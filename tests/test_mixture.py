@@ -110,8 +110,10 @@ def test_times_are_per_example():
     step = t - u
     assert (step > 0).all() and (step <= torch.minimum(torch.full_like(t, 1e-2), t / 2) + 1e-7).all()
     assert step.std() > 0  # a Delta per example, not one per batch
-    a = mixture.data_weight(torch.tensor([0.0, 0.5, 1.0]), coeff=2.0)
-    assert torch.allclose(a, 2.0 * torch.sigmoid(torch.tensor([-10.0, 0.0, 10.0])))
+    a = mixture.data_weight(torch.tensor([0.0, 0.5, 1.0]), coeff=0.5)
+    assert torch.allclose(a, 0.5 * torch.sigmoid(torch.tensor([-10.0, 0.0, 10.0])))
+    a = mixture.data_weight(torch.tensor([0.0, 0.5, 1.0]), coeff=1.0, sharpness=4.0, midpoint=0.25)
+    assert torch.allclose(a, torch.sigmoid(torch.tensor([-1.0, 1.0, 3.0])))
 
 
 # ---- the module --------------------------------------------------------------------------------------
@@ -145,6 +147,17 @@ def perturb(model, seed=0):
     with torch.no_grad():
         for p in model.backbone.cond_proj.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"num_lambda": 0}, "num_lambda"),
+    ({"data_coeff": 2.0}, "data_coeff=2.0 must lie in \\[0, 1\\]"),
+    ({"delta": 0.7}, "delta"),
+    ({"consis_step_min": 0.1, "consis_step_max": 0.01}, "consis_step_min"),
+])
+def test_bad_arguments_fail_before_loading_the_teacher(bad, match):
+    with pytest.raises(ValueError, match=match):
+        student("does-not-exist.ckpt", **bad)  # a checked argument fails first, whatever the teacher path
 
 
 @pytest.mark.parametrize("uniform", [False, True])
@@ -198,7 +211,7 @@ def test_per_example_roles_and_times(teacher_ckpt, monkeypatch):
     assert (terms["consis"][near] == 0).all() and (terms["consis"][~near] != 0).all()
     assert (terms["distil"][~near] == 0).all()
     assert torch.equal(seen["t"], torch.tensor([0.6, 0.9, 0.3]))  # only consistency rows take a teacher step
-    expected = mixture.data_weight(torch.tensor([0.012, 0.6, 0.015, 0.9, 0.018, 0.3]), s.data_coeff)
+    expected = mixture.data_weight(torch.tensor([0.012, 0.6, 0.015, 0.9, 0.018, 0.3]), s.data_coeff, 20.0, 0.5)
     assert torch.allclose(seen["weight"], expected)  # a(t) of each example's own time
 
 

@@ -140,9 +140,9 @@ def mixture_cross_entropy(
 # ---- the three Di4C losses -----------------------------------------------------------------------------
 
 
-def data_weight(t: Tensor, coeff: float = 1.0, sharpness: float = 20.0) -> Tensor:
-    """``a(t) = coeff * sigmoid(sharpness (t - 1/2))``: the data's correlation term matters at high noise."""
-    return coeff * torch.sigmoid(sharpness * (t.float() - 0.5))
+def data_weight(t: Tensor, coeff: float = 1.0, sharpness: float = 20.0, midpoint: float = 0.5) -> Tensor:
+    """``a(t) = coeff * sigmoid(sharpness (t - midpoint))``: the data's correlation term matters at high noise."""
+    return coeff * torch.sigmoid(sharpness * (t.float() - midpoint))
 
 
 def data_loss(

@@ -94,8 +94,12 @@ class MixtureStudent(DistilledStudent):
         consis_step_max: largest consistency step Delta; equal to ``consis_step_min`` for a fixed step.
         teacher_grid_steps: if > 0, Delta = 1 / teacher_grid_steps (one step of an n-step teacher grid),
             overriding the log-uniform range.
-        data_coeff: c in a(t) = c sigmoid(20 (t - 1/2)), the weight of the data's correlation term
-            (1 for images, 0.1 for text in the reference code).
+        data_coeff: c in a(t) = c sigmoid(s (t - t0)), the weight of the data's correlation term
+            (1 for images, 0.1 for text in the reference code). At most 1: the term's marginal part,
+            + a(t) sum_d log Pbar^d(x^d), pushes the marginals away from the data, and only the KL term
+            (weight 1) holds them, so with a(t) > 1 the loss rewards wrong marginals (samples collapse).
+        data_sharpness: s in a(t) (20 in the paper); 0 gives the constant c / 2.
+        data_midpoint: t0 in a(t) (1/2 in the paper): the data's correlations weigh in above this noise level.
         weight_distil: weight of the distillation loss.
         weight_data: weight of the data loss.
         weight_consis: weight of the consistency loss.
@@ -127,6 +131,8 @@ class MixtureStudent(DistilledStudent):
         consis_step_max: float = 1e-2,
         teacher_grid_steps: int = 0,
         data_coeff: float = 0.1,
+        data_sharpness: float = 20.0,
+        data_midpoint: float = 0.5,
         weight_distil: float = 1.0,
         weight_data: float = 1.0,
         weight_consis: float = 1.0,
@@ -143,6 +149,9 @@ class MixtureStudent(DistilledStudent):
             (position_dim >= 0 and position_dim % 2 == 0, f"position_dim={position_dim} must be even and >= 0"),
             (0.0 < delta < 0.5, f"delta={delta} must lie in (0, 0.5)"),
             (0.0 <= distil_prob <= 1.0, f"distil_prob={distil_prob} must lie in [0, 1]"),
+            (0.0 <= data_coeff <= 1.0, f"data_coeff={data_coeff} must lie in [0, 1] (above 1 the data term rewards "
+             "wrong marginals; raise weight_data to weigh the whole term more)"),
+            (data_sharpness >= 0.0, f"data_sharpness={data_sharpness} must be >= 0"),
             (0.0 < consis_step_min <= consis_step_max, "need 0 < consis_step_min <= consis_step_max"),
             (min(teacher_grid_steps, hybrid_teacher_steps, corr_subset_steps) >= 0, "step counts must be >= 0"),
         ]
@@ -164,7 +173,7 @@ class MixtureStudent(DistilledStudent):
         if teacher_grid_steps > 0:
             consis_step_min = consis_step_max = 1.0 / teacher_grid_steps
         self.consis_steps = (consis_step_min, consis_step_max)
-        self.data_coeff = data_coeff
+        self.data_coeff, self.data_sharpness, self.data_midpoint = data_coeff, data_sharpness, data_midpoint
         self.weights = {"distil": weight_distil, "data": weight_data, "consis": weight_consis}
         self.hybrid_teacher_steps = hybrid_teacher_steps
         self.corr_subset_steps = corr_subset_steps
@@ -225,7 +234,7 @@ class MixtureStudent(DistilledStudent):
         log_probs = self.components(z_t, t, generator)  # (B, M, D, V)
 
         distil = mixture.distillation_loss(log_probs, teacher, mask)  # (B,)
-        weight = mixture.data_weight(t, self.data_coeff)
+        weight = mixture.data_weight(t, self.data_coeff, self.data_sharpness, self.data_midpoint)
         data = mixture.data_loss(log_probs, teacher, x, weight, mask, corr_mask)
         consis = torch.zeros_like(data)
         rows = (~near).nonzero().squeeze(-1)  # consistency examples only: they need M extra forward passes
