@@ -114,6 +114,8 @@ def test_times_are_per_example():
     assert torch.allclose(a, 0.5 * torch.sigmoid(torch.tensor([-10.0, 0.0, 10.0])))
     a = mixture.data_weight(torch.tensor([0.0, 0.5, 1.0]), coeff=1.0, sharpness=4.0, midpoint=0.25)
     assert torch.allclose(a, torch.sigmoid(torch.tensor([-1.0, 1.0, 3.0])))
+    a = mixture.data_weight(torch.tensor([0.01, 0.5, 1.0]), coeff=0.7, midpoint=-math.inf)  # a constant a(t)
+    assert torch.equal(a, torch.full((3,), 0.7))
 
 
 # ---- the module --------------------------------------------------------------------------------------

@@ -151,7 +151,6 @@ def data_loss(
     x: Tensor,
     weight: Tensor,
     mask: Tensor | None = None,
-    corr_mask: Tensor | None = None,
 ) -> Tensor:
     """``L_data = a(t) (-C(x_data)) + sum_d KL(PT^d || Pbar^d)``: correlations from the data, marginals from the teacher.
 
@@ -161,15 +160,12 @@ def data_loss(
         x: (B, D) the clean data.
         weight: (B,) a(t) per example (see ``data_weight``).
         mask: (B, D) positions that take part (None: all).
-        corr_mask: (B, D) positions whose joint the correlation term scores, a subset of ``mask``
-            (None: ``mask``). Every subset's joint is a proper target, so this keeps the loss's minimiser.
 
     Returns:
         (B,) nats.
     """
-    corr_mask = mask if corr_mask is None else corr_mask
     log_bar = mean_marginal(log_probs, mask)
-    return -weight * correlation(log_probs, x, corr_mask) + categorical_kl(teacher_log_probs, log_bar, mask)
+    return -weight * correlation(log_probs, x, mask) + categorical_kl(teacher_log_probs, log_bar, mask)
 
 
 def distillation_loss(log_probs: Tensor, teacher_log_probs: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -192,7 +188,6 @@ def consistency_loss(
     target_log_probs: Tensor,
     samples: Tensor,
     mask: Tensor | None = None,
-    corr_mask: Tensor | None = None,
 ) -> Tensor:
     """``L_consis = -mean_j C(y_j) + sum_d KL(Qbar^d || Pbar^d)``, the mixture cross-entropy against ``R = mean_j Q_j``.
 
@@ -204,15 +199,13 @@ def consistency_loss(
         target_log_probs: (B, M', D, V) log Q_j (detached).
         samples: (B, M', D) y_j ~ Q_j.
         mask: (B, D) positions masked in z_t (None: all).
-        corr_mask: (B, D) positions whose joint the correlation term scores, a subset of ``mask`` (None: ``mask``).
 
     Returns:
         (B,) nats.
     """
-    corr_mask = mask if corr_mask is None else corr_mask
     target_bar = mean_marginal(target_log_probs, mask)  # (B, D, V)
     log_bar = mean_marginal(log_probs, mask)
-    return -correlation(log_probs, samples, corr_mask).mean(dim=1) + categorical_kl(target_bar, log_bar, mask)
+    return -correlation(log_probs, samples, mask).mean(dim=1) + categorical_kl(target_bar, log_bar, mask)
 
 
 # ---- times -------------------------------------------------------------------------------------------

@@ -99,17 +99,12 @@ class MixtureStudent(DistilledStudent):
             + a(t) sum_d log Pbar^d(x^d), pushes the marginals away from the data, and only the KL term
             (weight 1) holds them, so with a(t) > 1 the loss rewards wrong marginals (samples collapse).
         data_sharpness: s in a(t) (20 in the paper); 0 gives the constant c / 2.
-        data_midpoint: t0 in a(t) (1/2 in the paper): the data's correlations weigh in above this noise level.
+        data_midpoint: t0 in a(t) (1/2 in the paper): the data's correlations weigh in above this noise level;
+            -inf (``-.inf`` in YAML) gives the constant a(t) = c at every noise level.
         weight_distil: weight of the distillation loss.
         weight_data: weight of the data loss.
         weight_consis: weight of the consistency loss.
         hybrid_teacher_steps: k, the number of final sampling steps taken by the teacher (0: student only).
-        corr_subset_steps: masked process: if n > 0, the correlation terms score the joint of a random subset
-            of the masked positions, each kept with the probability min(1, 1 / (n t)) that one step of an
-            n-step sampler unmasks it, instead of the joint of all of them (0, the paper). A sampler only
-            ever draws such a subset jointly; its joint has far less total correlation than the whole
-            sequence's, so a mixture learns it with far fewer lambda draws. Any subset's joint is a proper
-            target, so the optimum is unchanged. The marginal (KL) terms still cover every masked position.
         optimizer: optimiser of the student's parameters.
         lr_scheduler: optional LR schedule, stepped every optimiser step.
         seed: seed of the training noise.
@@ -137,7 +132,6 @@ class MixtureStudent(DistilledStudent):
         weight_data: float = 1.0,
         weight_consis: float = 1.0,
         hybrid_teacher_steps: int = 0,
-        corr_subset_steps: int = 0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
@@ -153,7 +147,7 @@ class MixtureStudent(DistilledStudent):
              "wrong marginals; raise weight_data to weigh the whole term more)"),
             (data_sharpness >= 0.0, f"data_sharpness={data_sharpness} must be >= 0"),
             (0.0 < consis_step_min <= consis_step_max, "need 0 < consis_step_min <= consis_step_max"),
-            (min(teacher_grid_steps, hybrid_teacher_steps, corr_subset_steps) >= 0, "step counts must be >= 0"),
+            (min(teacher_grid_steps, hybrid_teacher_steps) >= 0, "step counts must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -176,7 +170,6 @@ class MixtureStudent(DistilledStudent):
         self.data_coeff, self.data_sharpness, self.data_midpoint = data_coeff, data_sharpness, data_midpoint
         self.weights = {"distil": weight_distil, "data": weight_data, "consis": weight_consis}
         self.hybrid_teacher_steps = hybrid_teacher_steps
-        self.corr_subset_steps = corr_subset_steps
 
     # ---- the mixture -------------------------------------------------------------------------------
     def draw_lambda(self, num: int, generator: torch.Generator | None, length: int | None = None) -> Tensor:
@@ -225,23 +218,19 @@ class MixtureStudent(DistilledStudent):
         z_t = self.process.corrupt(x, t, generator)  # (B, D)
         # Masked process: only positions masked in z_t take part (the rest are carried by every model).
         mask = z_t == self.process.mask_id if isinstance(self.process, MaskedProcess) else None
-        corr_mask = mask
-        if mask is not None and self.corr_subset_steps > 0:
-            keep = (1.0 / (self.corr_subset_steps * t)).clamp(max=1.0)  # (B,) one step's unmasking probability
-            corr_mask = mask & (torch.rand(mask.shape, generator=generator, device=self.device) < keep[:, None])
         with torch.no_grad():
             teacher = self.teacher.denoise(z_t, t)  # (B, D, V)
         log_probs = self.components(z_t, t, generator)  # (B, M, D, V)
 
         distil = mixture.distillation_loss(log_probs, teacher, mask)  # (B,)
         weight = mixture.data_weight(t, self.data_coeff, self.data_sharpness, self.data_midpoint)
-        data = mixture.data_loss(log_probs, teacher, x, weight, mask, corr_mask)
+        data = mixture.data_loss(log_probs, teacher, x, weight, mask)
         consis = torch.zeros_like(data)
         rows = (~near).nonzero().squeeze(-1)  # consistency examples only: they need M extra forward passes
         if rows.numel() > 0:
-            rows_mask, rows_corr = (mask[rows], corr_mask[rows]) if mask is not None else (None, None)
+            rows_mask = mask[rows] if mask is not None else None
             target, y = self.consistency_targets(z_t[rows], t[rows], teacher[rows], generator)
-            rows_loss = mixture.consistency_loss(log_probs[rows], target, y, rows_mask, rows_corr)
+            rows_loss = mixture.consistency_loss(log_probs[rows], target, y, rows_mask)
             consis = consis.index_put((rows,), rows_loss)
         with torch.no_grad():
             corr = mixture.correlation(log_probs, x, mask)
