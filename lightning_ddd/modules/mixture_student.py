@@ -8,7 +8,6 @@ MLP, so the untrained student is exactly the teacher. The maths lives in
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
@@ -20,16 +19,9 @@ from lightning_ddd.diffusion.categorical import sample_categorical
 from lightning_ddd.diffusion.processes import MaskedProcess
 from lightning_ddd.diffusion.sampling import SampleOutput, sample
 from lightning_ddd.modules.student import DistilledStudent
+from lightning_ddd.nn.transformer import sinusoids
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
-
-
-def sinusoids(values: Tensor, dim: int) -> Tensor:
-    """``[cos(v w_k), sin(v w_k)]`` with w_k = 10000^(-k / (dim/2)): (N,) → (N, dim) float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
-    args = values.float()[:, None] * freqs[None, :]  # (N, dim/2)
-    return torch.cat([args.cos(), args.sin()], dim=-1)  # (N, dim)
 
 
 def lambda_features(lam: Tensor, dim: int, seq_len: int = 0, position_dim: int = 0) -> Tensor:

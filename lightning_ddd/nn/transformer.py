@@ -29,6 +29,14 @@ from torch import Tensor, nn
 # Rotary position embeddings
 
 
+def sinusoids(values: Tensor, dim: int) -> Tensor:
+    """``[cos(v w_k), sin(v w_k)]`` with w_k = 10000^(-k / (dim/2)): (N,) → (N, dim) float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
+    args = values.float()[:, None] * freqs[None, :]  # (N, dim/2)
+    return torch.cat([args.cos(), args.sin()], dim=-1)  # (N, dim)
+
+
 def rope_angles(positions: Tensor, head_dim: int, base: float = 10000.0) -> Tensor:
     """Rotation angles ``position * base^(-2i / head_dim)`` for each position and frequency.
 
@@ -175,11 +183,7 @@ class TimestepEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
 
     def forward(self, t: Tensor) -> Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000.0 * t.float()[:, None] * freqs[None, :]  # (B, freq_dim/2)
-        feats = torch.cat([args.cos(), args.sin()], dim=-1)  # (B, freq_dim)
-        return self.mlp(feats)  # (B, d_model)
+        return self.mlp(sinusoids(1000.0 * t.float(), self.freq_dim))  # (B, d_model)
 
 
 def _cond_proj(cond_dim: int, d_model: int) -> nn.Sequential:
