@@ -87,7 +87,7 @@ def test_sdpa_matches_manual_attention():
     perturb(attn, std=0.3)  # larger weights give non-uniform attention patterns
     angles = rope_angles(torch.arange(L), D // H)
     with torch.no_grad():
-        out = attn(x, angles)
+        out = attn(x, (angles.cos(), angles.sin()))
 
         q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).split(D, dim=-1)
         q, k, v = (y.view(B, L, H, D // H).transpose(1, 2) for y in (q, k, v))
@@ -230,6 +230,20 @@ def test_bf16_autocast_cpu(time_conditioning):
     assert out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_rotary_tables_are_cached_and_match_the_angles():
+    model = make_model()
+    cos, sin = model.rope(SEQ_LEN, torch.device("cpu"))
+    angles = rope_angles(torch.arange(SEQ_LEN), model.head_dim)
+    torch.testing.assert_close(cos, angles.cos())
+    torch.testing.assert_close(sin, angles.sin())
+    assert model.rope(SEQ_LEN, torch.device("cpu"))[0] is cos  # computed once
+    # bf16 casts of the model leave the float32 tables alone; a deep copy starts with its own cache.
+    import copy
+
+    assert model.to(torch.bfloat16).rope(SEQ_LEN, torch.device("cpu"))[0].dtype == torch.float32
+    assert copy.deepcopy(model).rope._tables == {}
 
 
 def test_dropout_active_only_in_training():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_ddd.nn.transformer import MLP, DenoisingTransformer, SelfAttention, rope_angles
+from lightning_ddd.nn.transformer import MLP, DenoisingTransformer, RotaryTables, SelfAttention
 
 
 class CausalSelfAttention(SelfAttention):
@@ -37,8 +37,8 @@ class CausalBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, int(mlp_ratio * d_model), dropout)
 
-    def forward(self, x: Tensor, angles: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x), angles)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -82,6 +82,7 @@ class CausalTransformer(nn.Module):
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.head_dim = d_model // n_heads
+        self.rope = RotaryTables(self.head_dim)
         self.tok_emb = nn.Embedding(num_input_tokens, d_model)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(CausalBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
@@ -101,7 +102,7 @@ class CausalTransformer(nn.Module):
                 f"[{int(ids.min())}, {int(ids.max())}]; check the data's vocab_size."
             )
         x = self.drop(self.tok_emb(ids))  # (B, L, D)
-        angles = rope_angles(torch.arange(ids.shape[1], device=ids.device), self.head_dim)  # (L, hd/2)
+        rope = self.rope(ids.shape[1], ids.device)  # (cos, sin), each (L, hd/2)
         for block in self.blocks:
-            x = block(x, angles)
+            x = block(x, rope)
         return self.head(self.ln_f(x))  # (B, L, V)

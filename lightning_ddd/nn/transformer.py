@@ -5,8 +5,9 @@ vocabulary. There is no causal mask: every position attends to every other, as a
 
 Pieces, smallest first:
 
-- ``rope_angles`` / ``apply_rope``: rotary position embeddings on queries and keys, so attention
-  scores depend only on relative position.
+- ``rope_angles`` / ``apply_rope`` / ``RotaryTables``: rotary position embeddings on queries and keys,
+  so attention scores depend on relative position; the cos/sin tables are computed once per length.
+  The denoiser adds a learned absolute position embedding as well (``learned_positions``).
 - ``SelfAttention``: multi-head attention through ``scaled_dot_product_attention`` (flash attention
   on a GPU).
 - ``MLP``: two linear layers with a GELU between.
@@ -20,6 +21,7 @@ Pieces, smallest first:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -65,12 +67,39 @@ def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
     Returns:
         Rotated tensor with the shape and dtype of ``x``.
     """
+    return rotate(x, angles.cos(), angles.sin())
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``apply_rope`` with the cos/sin tables precomputed, each (L, head_dim // 2) float32."""
     # The rotation is done in float32: bf16 angles lose the low bits that encode position.
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)  # (..., L, head_dim/2) each
-    cos, sin = angles.cos(), angles.sin()  # (L, head_dim/2)
+    x1, x2 = x.float().chunk(2, dim=-1)  # (..., L, head_dim/2) each
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., L, head_dim)
     return out.to(x.dtype)
+
+
+class RotaryTables:
+    """cos/sin tables of the rotary angles for positions 0..L-1, computed once per (device, L).
+
+    A plain attribute rather than a buffer: ``module.to(torch.bfloat16)`` would cast a buffer, and bf16
+    angles lose the low bits that encode position. Deep copies (EMA, students) start with an empty cache.
+    """
+
+    def __init__(self, head_dim: int) -> None:
+        self.head_dim = head_dim
+        self._tables: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (device, length)
+        if key not in self._tables:
+            # Normal tensors even when first asked under inference mode (validation), so training can reuse them.
+            with torch.inference_mode(False):
+                angles = rope_angles(torch.arange(length, device=device), self.head_dim)  # (L, head_dim/2)
+                self._tables[key] = (angles.cos(), angles.sin())
+        return self._tables[key]
+
+    def __deepcopy__(self, memo: dict) -> "RotaryTables":
+        return RotaryTables(self.head_dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,12 +126,13 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, angles: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """(B, L, D) -> (B, L, D); ``rope`` is the (cos, sin) pair of ``RotaryTables``, each (L, head_dim/2)."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=-1)  # (B, L, D) each
         # (B, L, D) -> (B, H, L, head_dim)
         q, k, v = (y.view(B, L, self.n_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        q, k = rotate(q, *rope), rotate(k, *rope)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
         )  # (B, H, L, head_dim)
@@ -156,13 +186,13 @@ class Block(nn.Module):
         # Six modulation vectors: (shift, scale, gate) for attention, then for the MLP.
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d_model, 6 * d_model)) if time_conditioning else None
 
-    def forward(self, x: Tensor, angles: Tensor, c: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], c: Tensor | None = None) -> Tensor:
         if self.ada is None:
-            x = x + self.attn(self.ln_1(x), angles)
+            x = x + self.attn(self.ln_1(x), rope)
             return x + self.mlp(self.ln_2(x))
         # c: (B, D) -> six (B, 1, D) vectors that broadcast over positions
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None, :].chunk(6, dim=-1)
-        x = x + (1 + gate1) * self.attn(self.ln_1(x) * (1 + scale1) + shift1, angles)
+        x = x + (1 + gate1) * self.attn(self.ln_1(x) * (1 + scale1) + shift1, rope)
         return x + (1 + gate2) * self.mlp(self.ln_2(x) * (1 + scale2) + shift2)
 
 
@@ -224,6 +254,11 @@ class DenoisingTransformer(nn.Module):
         cond_dim: size of an extra conditioning vector (e.g. a distilled student's latent or
             noise input), projected and added to the token embeddings. 0 disables it; it can be
             added to a trained model later with ``add_cond_input``.
+        learned_positions: add a learned absolute position embedding (one vector per position) to
+            the token embeddings, alongside RoPE. RoPE alone only sees relative positions, so on an
+            all-mask input every position looks the same and the first unmasking steps cannot
+            follow position-dependent marginals (ink on an image's border, the first token of a
+            Markov chain). On by default; turn it off for data without fixed positions.
     """
 
     def __init__(
@@ -239,6 +274,7 @@ class DenoisingTransformer(nn.Module):
         dropout: float = 0.0,
         time_conditioning: bool = False,
         cond_dim: int = 0,
+        learned_positions: bool = True,
     ) -> None:
         super().__init__()
         if d_model % n_heads != 0 or (d_model // n_heads) % 2 != 0:
@@ -257,6 +293,8 @@ class DenoisingTransformer(nn.Module):
         self.cond_dim = 0  # set by add_cond_input below
 
         self.tok_emb = nn.Embedding(num_input_tokens, d_model)
+        self.pos_emb = nn.Embedding(seq_len, d_model) if learned_positions else None
+        self.rope = RotaryTables(self.head_dim)
         self.drop = nn.Dropout(dropout)
         self.time_emb = TimestepEmbedding(d_model) if time_conditioning else None
         self.blocks = nn.ModuleList(
@@ -274,6 +312,22 @@ class DenoisingTransformer(nn.Module):
                 nn.init.zeros_(block.ada[1].bias)
         if cond_dim > 0:
             self.add_cond_input(cond_dim)
+        self._register_load_state_dict_pre_hook(self._fill_missing_positions)
+
+    def _fill_missing_positions(self, state_dict: dict, prefix: str, *args) -> None:
+        """Checkpoints written before absolute positions existed load with a zero table: the same model."""
+        key = prefix + "pos_emb.weight"
+        if self.pos_emb is not None and key not in state_dict and prefix + "tok_emb.weight" in state_dict:
+            warnings.warn(
+                "DenoisingTransformer: the checkpoint has no absolute position table (it predates "
+                "learned_positions); it is loaded as zeros, which leaves the model's outputs unchanged.",
+                stacklevel=2,
+            )
+            state_dict[key] = torch.zeros_like(self.pos_emb.weight)
+
+    @property
+    def learned_positions(self) -> bool:
+        return self.pos_emb is not None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -329,15 +383,17 @@ class DenoisingTransformer(nn.Module):
                 f"DenoisingTransformer: input has {L} positions but the model was built with seq_len={self.seq_len}; "
                 f"use data with seq_len <= {self.seq_len} or train a model with a larger seq_len."
             )
-        # One host sync per call; cheap next to the forward, and out-of-range ids otherwise give an
-        # opaque CUDA device-side assert.
-        if bool(((z < 0) | (z >= self.num_input_tokens)).any()):
+        # On the CPU an out-of-range id is an opaque IndexError, so check it (no device sync there). On an
+        # accelerator the check would sync the host every call; the modules' first-batch check covers it.
+        if z.device.type == "cpu" and bool(((z < 0) | (z >= self.num_input_tokens)).any()):
             raise ValueError(
                 f"DenoisingTransformer: token ids must lie in [0, {self.num_input_tokens}) but range over "
                 f"[{int(z.min())}, {int(z.max())}]; check the data's vocab_size and mask token."
             )
 
         x = self.tok_emb(z)  # (B, L, D)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[:L]  # (L, D) broadcasts over the batch
         if cond is not None:
             x = x + self._cond_term(cond, B, L)  # (B, 1 or L, D) broadcasts over positions
         x = self.drop(x)
@@ -353,9 +409,9 @@ class DenoisingTransformer(nn.Module):
                 raise ValueError(f"DenoisingTransformer: t must have shape ({B},), got {tuple(t.shape)}.")
             c = self.time_emb(t)  # (B, D)
 
-        angles = rope_angles(torch.arange(L, device=z.device), self.head_dim)  # (L, head_dim/2)
+        rope = self.rope(L, z.device)  # (cos, sin), each (L, head_dim/2)
         for block in self.blocks:
-            x = block(x, angles, c)  # (B, L, D)
+            x = block(x, rope, c)  # (B, L, D)
         return self.head(self.ln_f(x))  # (B, L, vocab_size)
 
     def _cond_term(self, cond: Tensor, B: int, L: int) -> Tensor:
