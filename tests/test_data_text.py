@@ -131,9 +131,9 @@ def test_files_corpus_is_packed_as_computed_by_hand(tmp_path):
             stream += ([EOS] if stream else []) + _bytes(texts[i])
         return [stream[k : k + 4] for k in range(0, len(stream) - 3, 4)]
 
-    assert dm.train_set.tokens.tolist() == expected(set(range(4)) - val_ids)
-    assert dm.val_set.tokens.tolist() == expected(val_ids)
-    assert dm.train_set.tokens.dtype == torch.long and dm.train_set.tokens.shape[1] == 4
+    assert dm.train_set.rows().tolist() == expected(set(range(4)) - val_ids)
+    assert dm.val_set.rows().tolist() == expected(val_ids)
+    assert dm.train_set.rows().dtype == torch.long and dm.train_set.rows().shape[1] == 4
 
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (2, 4) and batch.dtype == torch.long
@@ -145,8 +145,8 @@ def test_jsonl_gives_one_document_per_line(tmp_path):
     path.write_text("\n".join(json.dumps(x) for x in lines[:2]) + "\n\n" + json.dumps(lines[2]) + "\n")
     dm = _files_dm([str(path)], seq_len=4, val_fraction=0.34, cache_dir=str(tmp_path))
     dm.setup()
-    decoded = "".join(ByteTokenizer().decode(r) for r in dm.train_set.tokens)
-    held_out = "".join(ByteTokenizer().decode(r) for r in dm.val_set.tokens)
+    decoded = "".join(ByteTokenizer().decode(r) for r in dm.train_set.rows())
+    held_out = "".join(ByteTokenizer().decode(r) for r in dm.val_set.rows())
     # Two of the three documents are in train, one in val, each row exactly 4 bytes.
     assert sum(t["text"][:4] in decoded for t in lines) == 2
     assert sum(t["text"][:4] in held_out for t in lines) == 1
@@ -168,8 +168,8 @@ def test_single_document_holds_out_the_end_of_its_stream(tmp_path):
     dm.setup()
     # The last 10% (20 bytes) is held out: train is bytes 0..175 (22 full rows of the first 180), val
     # bytes 180..195 (2 full rows of the last 20), so no byte is in both.
-    assert dm.train_set.tokens.flatten().tolist() == _bytes(text)[:176]
-    assert dm.val_set.tokens.flatten().tolist() == _bytes(text)[180:196]
+    assert dm.train_set.rows().flatten().tolist() == _bytes(text)[:176]
+    assert dm.val_set.rows().flatten().tolist() == _bytes(text)[180:196]
 
 
 def test_max_chars_caps_the_text_read(tmp_path):
@@ -177,7 +177,7 @@ def test_max_chars_caps_the_text_read(tmp_path):
     dm = _files_dm(files, seq_len=10, max_chars=250, cache_dir=str(tmp_path))
     dm.setup()
     # 250 characters are a * 100, b * 100 and the first half of c * 100; d is never read.
-    text = "".join(dm.decode(torch.cat([dm.train_set.tokens, dm.val_set.tokens])))
+    text = "".join(dm.decode(torch.cat([dm.train_set.rows(), dm.val_set.rows()])))
     assert "d" not in text and 40 <= text.count("c") <= 50 and text.count("a") + text.count("b") >= 180
 
 
@@ -189,9 +189,9 @@ def test_pydoc_default_corpus_loads_and_reads_as_english(tmp_path):
     assert (dm.vocab_size, dm.seq_len, dm.modality) == (257, 128, "text")
     dm.prepare_data()
     dm.setup()
-    assert dm.train_set.tokens.shape[1] == 128 and len(dm.train_set) > 1000 and len(dm.val_set) > 10
-    assert int(dm.train_set.tokens.max()) < 257
-    texts = dm.decode(dm.val_set.tokens[:20])
+    assert dm.train_set.rows().shape[1] == 128 and len(dm.train_set) > 1000 and len(dm.val_set) > 10
+    assert int(dm.train_set.rows().max()) < 257
+    texts = dm.decode(dm.val_set.rows()[:20])
     assert len(texts) == 20 and all(isinstance(t, str) and len(t) > 0 for t in texts)
     joined = " ".join(texts)
     assert " the " in joined and " of " in joined
@@ -202,8 +202,8 @@ def test_char_tokenizer_on_pydoc(tmp_path):
     dm = TextDataModule(tokenizer=CharTokenizer(), seq_len=64, cache_dir=str(tmp_path))
     assert dm.vocab_size == 102
     dm.setup()
-    assert int(dm.train_set.tokens.max()) < 102
-    assert " the " in " ".join(dm.decode(dm.train_set.tokens[:50]))
+    assert int(dm.train_set.rows().max()) < 102
+    assert " the " in " ".join(dm.decode(dm.train_set.rows()[:50]))
 
 
 # ----- cache -----------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_cache_is_reused_without_retokenising(tmp_path):
     again.setup()
     assert second.calls == 0
     assert again.cache_path == path and path.stat().st_mtime_ns == mtime
-    assert torch.equal(again.train_set.tokens, dm.train_set.tokens)
+    assert torch.equal(again.train_set.rows(), dm.train_set.rows())
     assert not [p for p in os.listdir(cache) if p.endswith(".tmp")]  # no temporary files left behind
 
 
@@ -241,7 +241,7 @@ def test_cache_is_invalidated_by_seq_len_and_file_changes(tmp_path):
     longer = _files_dm(files, tokenizer=tok, seq_len=32, cache_dir=cache)
     assert longer.cache_path != base_path
     longer.setup()
-    assert tok.calls == 5 and longer.train_set.tokens.shape[1] == 32
+    assert tok.calls == 5 and longer.train_set.rows().shape[1] == 32
 
     _write(tmp_path / "d0.txt", "changed text " * 30)
     tok = CountingByteTokenizer()
@@ -264,14 +264,14 @@ def test_train_and_val_documents_are_disjoint(tmp_path):
     files = [_write(tmp_path / f"{c}.txt", c * 50) for c in letters]
     dm = _files_dm(files, seq_len=8, val_fraction=0.2, cache_dir=str(tmp_path / "c"))
     dm.setup()
-    train_chars = set("".join(dm.decode(dm.train_set.tokens)))
-    val_chars = set("".join(dm.decode(dm.val_set.tokens)))
+    train_chars = set("".join(dm.decode(dm.train_set.rows())))
+    val_chars = set("".join(dm.decode(dm.val_set.rows())))
     assert len(val_chars) == 4 and len(train_chars) == 16
     assert not train_chars & val_chars
 
     same = _files_dm(files, seq_len=8, val_fraction=0.2, cache_dir=str(tmp_path / "d"))
     same.setup()
-    assert torch.equal(same.val_set.tokens, dm.val_set.tokens)  # deterministic from the seed
+    assert torch.equal(same.val_set.rows(), dm.val_set.rows())  # deterministic from the seed
     assert split_documents(20, 0.2, seed=1) != split_documents(20, 0.2, seed=0)
 
 
@@ -331,8 +331,8 @@ def test_hf_dataset_uses_its_validation_split(tmp_path, monkeypatch):
     dm = TextDataModule(dataset="wikitext", seq_len=16, cache_dir=str(tmp_path), batch_size=2)
     dm.setup()
     assert fake.calls == [("Salesforce/wikitext", "wikitext-103-raw-v1", False)]
-    assert "train sentence" in "".join(dm.decode(dm.train_set.tokens))
-    val_text = "".join(dm.decode(dm.val_set.tokens))
+    assert "train sentence" in "".join(dm.decode(dm.train_set.rows()))
+    val_text = "".join(dm.decode(dm.val_set.rows()))
     assert "held-out" in val_text and "train" not in val_text and "unused" not in val_text
 
 
@@ -345,8 +345,8 @@ def test_hf_dataset_without_validation_split_holds_out_documents(tmp_path, monke
     )
     dm.setup()
     assert fake.calls == [("user/corpus", None, True)]  # a character budget streams
-    train_chars = set("".join(dm.decode(dm.train_set.tokens)))
-    val_chars = set("".join(dm.decode(dm.val_set.tokens)))
+    train_chars = set("".join(dm.decode(dm.train_set.rows())))
+    val_chars = set("".join(dm.decode(dm.val_set.rows())))
     assert train_chars | val_chars <= set("abcdefgh") and not train_chars & val_chars  # 300 chars: a..g + 20 h
 
 
