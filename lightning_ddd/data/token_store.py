@@ -167,6 +167,7 @@ class TokenStoreWriter:
         first.write(_encode_header(header, self._reserved))
         first.flush()
         os.fsync(first.fileno())  # the data is on disk before the name is
+        os.fchmod(first.fileno(), 0o644)  # mkstemp makes it private; other users may share a cache
         os.replace(self._tmp[self.streams[0]], self.path)
         del self._tmp[self.streams[0]]
         self._done = True
