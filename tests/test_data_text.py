@@ -438,7 +438,8 @@ def test_unreadable_old_pt_cache_says_how_to_rebuild(tmp_path):
     dm = _files_dm([path], seq_len=8, cache_dir=str(tmp_path / "c"))
     dm.legacy_cache_path.parent.mkdir(parents=True)
     dm.legacy_cache_path.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(TokenStoreError, match=r"old cache '.*\.pt' cannot be read \(.*\); delete it to tokenise") as err:
+    message = r"old cache '.*\.pt' cannot be read \(.*\); delete it to tokenise"
+    with pytest.raises(TokenStoreError, match=message) as err:
         dm.setup()
     assert "\n" not in str(err.value) and not dm.cache_path.exists()
     _files_dm([path], seq_len=8, cache_dir=str(tmp_path / "c"), rebuild=True).setup()  # rebuild ignores it
@@ -508,7 +509,8 @@ def test_non_utf8_file_fails_with_file_and_offset(tmp_path):
     good = _write(tmp_path / "good.txt", "fine text " * 10)
     dm = _files_dm([good, str(path)], seq_len=8, cache_dir=str(tmp_path / "c"))
     offset = len("café and more text ".encode()) * 3
-    message = rf"'{path}' is not valid UTF-8 \(byte 0xff at offset {offset}\); fix the file, or set data.init_args.decode_errors=replace"
+    message = (rf"'{path}' is not valid UTF-8 \(byte 0xff at offset {offset}\); fix the file, "
+               r"or set data.init_args.decode_errors=replace")
     with pytest.raises(ValueError, match=message) as err:
         dm.setup()
     assert "\n" not in str(err.value) and not (tmp_path / "c").exists()  # nothing written

@@ -319,7 +319,10 @@ class TextDataModule(TokenDataModule):
         metadata = {"tokenizer": self.tokenizer.fingerprint(), "key": self._cache_key()}
         with TokenStoreWriter(path, vocab_size=self.vocab_size, seq_len=seq_len, metadata=metadata) as writer:
             packed = _PackedWriter(writer, self.tokenizer.eos_id)
-            encode = lambda docs, desc: encode_documents(docs, self.tokenizer, self.num_proc, desc)  # noqa: E731
+
+            def encode(docs: Iterable[str], desc: str) -> Iterator[tuple[int, np.ndarray]]:
+                return encode_documents(docs, self.tokenizer, self.num_proc, desc)
+
             single = val_docs is None and len(docs) < 2
             if val_docs is not None:
                 for _, ids in encode(docs, desc):

@@ -99,7 +99,9 @@ def _read_one_file(path: str, text_field: str, decode_errors: str) -> Iterator[s
             yield str(record[text_field])
 
 
-def read_text_files(paths: Sequence[str], text_field: str = "text", decode_errors: DecodeErrors = "strict") -> list[str]:
+def read_text_files(
+    paths: Sequence[str], text_field: str = "text", decode_errors: DecodeErrors = "strict"
+) -> list[str]:
     """All documents of ``iter_text_files`` in a list (for small corpora)."""
     return list(iter_text_files(paths, text_field, decode_errors))
 
