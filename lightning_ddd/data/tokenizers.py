@@ -13,6 +13,7 @@ import string
 from abc import ABC, abstractmethod
 from typing import Sequence
 
+import numpy as np
 from torch import Tensor
 
 # Shown in decoded text where an id has no character (unknown chars, ids outside the vocabulary such
@@ -49,6 +50,11 @@ class Tokenizer(ABC):
         """Ids of several texts; subclasses with a faster batched path override this."""
         return [self.encode(text) for text in texts]
 
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Ids of several texts as 1-D integer arrays (what the token store writes); by default
+        ``encode_batch`` converted, so a subclass that overrides ``encode`` or ``encode_batch`` is used."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
     @property
     def name(self) -> str:
         """Short human-readable name, used in log lines and cache file names."""
@@ -75,6 +81,13 @@ class ByteTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        cls = type(self)
+        if cls.encode is not ByteTokenizer.encode or cls.encode_batch is not Tokenizer.encode_batch:
+            return super().encode_arrays(texts)  # a subclass's own encoding decides
+        # The bytes are the ids: no Python int per byte (about 15x faster than via list(bytes)).
+        return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:
         out = bytearray()
