@@ -2,6 +2,7 @@
 early errors, settings round trips, and every shipped student config built on a tiny teacher."""
 
 import glob
+import inspect
 import os
 import re
 import sys
@@ -195,13 +196,38 @@ def test_settings_and_losses_round_trip_through_a_checkpoint(teacher_ckpt, tmp_p
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("config", SHIPPED_STUDENTS, ids=lambda p: os.path.relpath(p, ROOT))
+def readme_student_blocks():
+    """The README's YAML blocks that configure a shipped student (not the custom-loss example)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "Student" in b and "my_losses" not in b]
+
+
+@pytest.mark.parametrize("config", SHIPPED_STUDENTS + [f"README.md#{i}" for i in range(len(readme_student_blocks()))],
+                         ids=lambda p: os.path.relpath(p, ROOT) if os.path.isabs(p) else p)
 def test_every_shipped_student_config_builds(config, teacher_ckpt):
-    """The model section of each shipped student config, built on the tiny teacher: every setting checks out."""
-    with open(config) as f:
-        model = yaml.safe_load(f)["model"]
+    """The model section of each shipped student config (and README example), built on the tiny teacher:
+    every setting checks out."""
+    if config.startswith("README.md#"):
+        model = yaml.safe_load(readme_student_blocks()[int(config.split("#")[1])])["model"]
+    else:
+        with open(config) as f:
+            model = yaml.safe_load(f)["model"]
     model["init_args"]["teacher_ckpt"] = teacher_ckpt
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(DiffusionModule, "model")
     student = parser.instantiate_classes(parser.parse_object({"model": model})).model
     assert student.losses and student.teacher.vocab_size == student.vocab_size == 5
+
+
+@pytest.mark.parametrize("student, expected", [
+    ("MixtureStudent", ["--model.mixture.num_lambda", "--model.times.delta", "--model.losses", "lambda draws per training input"]),
+    ("DMMDStudent", ["--model.dmmd.num_steps", "--model.teacher_shaping.top_p", "--model.losses", "soft nucleus"]),
+])
+def test_help_shows_each_settings_block(student, expected, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", student])
+    out = capsys.readouterr().out
+    for text in expected:
+        assert text in out, text
+    cls = {"MixtureStudent": MixtureStudent, "DMMDStudent": DMMDStudent}[student]
+    assert len(inspect.signature(cls.__init__).parameters) - 1 <= 12  # settings grouped: a short constructor
