@@ -46,7 +46,8 @@ class DistilledStudent(DiffusionModule):
         seed: seed of the training noise.
         teacher_sha256: expected hash of the teacher file; filled in from the checkpoint when resuming or
             evaluating (leave it unset), and checked so that a changed teacher file fails early.
-        losses: the terms of the student's objective (at least one).
+        losses: the terms of the student's objective (at least one, distinct names); each is checked with
+            ``check_student`` once the teacher, process and backbone exist.
     """
 
     #: the per-batch context the losses read (see ``DistillationLoss.context``)
