@@ -11,6 +11,8 @@ from lightning_ddd.cli import main
 from lightning_ddd.diffusion import LogLinearSchedule, MaskedProcess
 from lightning_ddd.diffusion import dmmd
 from lightning_ddd.modules import DMMDStudent
+from lightning_ddd.modules.dmmd_student import DMMDSettings
+from lightning_ddd.modules.student_losses import DMMDAuxiliaryLoss, DMMDGeneratorLoss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TEACHER = os.path.join(ROOT, "tests", "configs", "tiny_teacher.yaml")
@@ -167,9 +169,9 @@ def fit_student(root, teacher_ckpt, *extra):
 
 
 def test_fresh_student_sits_at_the_fixed_point(teacher_ckpt):
-    model = DMMDStudent(teacher_ckpt, noise_dim=4)
+    model = DMMDStudent(teacher_ckpt, dmmd=DMMDSettings(noise_dim=4))
     x = torch.randint(5, (8, 8), generator=torch.Generator().manual_seed(0))
-    out = model.compute_losses(x, torch.Generator().manual_seed(1), train_student=True)
+    out = model.compute_losses(x, torch.Generator().manual_seed(1), trains="student")
     out["loss_gen"].backward()
     assert out["loss_gen"].abs().item() < 1e-6 and out["aux_teacher_gap"].abs().item() < 1e-6
     grads = [p.grad.abs().max() for p in model.backbone.parameters() if p.grad is not None]
@@ -219,10 +221,12 @@ def test_uniform_student_needs_hard_targets(teacher_ckpt, tmp_path):
           "--trainer.limit_val_batches", "0"])
     (uniform,) = glob.glob(str(tmp_path / "**" / "last.ckpt"), recursive=True)
     with pytest.raises(ValueError, match="hard"):
-        DMMDStudent(uniform, aux_target="soft")
+        DMMDStudent(uniform, losses=[DMMDGeneratorLoss(), DMMDAuxiliaryLoss(target="soft")])
     student = DMMDStudent(uniform)
-    assert student.aux_target == "hard" and student.noise_dim == 0 and student.backbone.time_conditioning
-    out = student.compute_losses(torch.randint(5, (4, 8)), torch.Generator().manual_seed(0), train_student=False)
+    aux_target = student.losses[1].resolved_target(student.process)
+    assert aux_target == "hard" and student.noise_dim == 0 and student.backbone.time_conditioning
+    out = student.compute_losses(torch.randint(5, (4, 8)), torch.Generator().manual_seed(0), trains="auxiliary")
     out["loss_aux"].backward()
     assert all(torch.isfinite(v) for v in out.values())
-    assert DMMDStudent(teacher_ckpt).aux_target == "soft" and DMMDStudent(teacher_ckpt).noise_dim > 0
+    masked = DMMDStudent(teacher_ckpt)
+    assert masked.losses[1].resolved_target(masked.process) == "soft" and masked.noise_dim > 0

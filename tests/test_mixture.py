@@ -12,7 +12,16 @@ import yaml
 from lightning_ddd.cli import main
 from lightning_ddd.data import MarkovChain
 from lightning_ddd.diffusion import mixture
+from lightning_ddd.diffusion.mixture import ConsistencyStep, DataWeight, Di4CTimes
 from lightning_ddd.modules import MixtureStudent
+from lightning_ddd.modules.mixture_student import MixtureSettings
+from lightning_ddd.modules.student_losses import (
+    Di4CConsistencyLoss,
+    Di4CContext,
+    Di4CDataLoss,
+    Di4CDistillationLoss,
+    DistillationLoss,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny_teacher.yaml")
@@ -139,8 +148,16 @@ def uniform_teacher_ckpt(tmp_path_factory):
     return path
 
 
-def student(path, **kw):
-    return MixtureStudent(path, **{"num_lambda": 4, "lambda_dim": 16, **kw})
+def student(path, num_lambda=4, lambda_dim=16, position_dim=0, data_coeff=0.1, **kw):
+    """A small student; the common settings by keyword, built into their settings objects."""
+    losses = [Di4CDistillationLoss(), Di4CDataLoss(a_t=DataWeight(coeff=data_coeff)), Di4CConsistencyLoss()]
+    mix = MixtureSettings(num_lambda=num_lambda, lambda_dim=lambda_dim, position_dim=position_dim)
+    return MixtureStudent(path, mixture=mix, losses=losses, **kw)
+
+
+def terms_of(s, x, generator):
+    """Per-example weighted terms in nats per token, each (B,)."""
+    return {name: value / x.shape[1] for name, value in s.loss_terms(Di4CContext(s, x, generator)).items()}
 
 
 def perturb(model, seed=0):
@@ -152,14 +169,16 @@ def perturb(model, seed=0):
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"num_lambda": 0}, "num_lambda"),
-    ({"data_coeff": 2.0}, "data_coeff=2.0 must lie in \\[0, 1\\]"),
-    ({"delta": 0.7}, "delta"),
-    ({"consis_step_min": 0.1, "consis_step_max": 0.01}, "consis_step_min"),
+    (lambda: MixtureSettings(num_lambda=0), "num_lambda"),
+    (lambda: DataWeight(coeff=2.0), "coeff=2.0 must lie in \\[0, 1\\]"),
+    (lambda: Di4CTimes(delta=0.7), "delta"),
+    (lambda: ConsistencyStep(step_min=0.1, step_max=0.01), "step_min"),
+    (lambda: Di4CDataLoss(weight=-1.0), "weight=-1.0"),
+    (lambda: MixtureStudent("does-not-exist.ckpt", hybrid_teacher_steps=-1), "hybrid_teacher_steps"),
 ])
 def test_bad_arguments_fail_before_loading_the_teacher(bad, match):
     with pytest.raises(ValueError, match=match):
-        student("does-not-exist.ckpt", **bad)  # a checked argument fails first, whatever the teacher path
+        bad()  # a checked setting fails when it is built, before any teacher path is read
 
 
 @pytest.mark.parametrize("uniform", [False, True])
@@ -186,7 +205,7 @@ def test_loss_is_finite_and_decreases(teacher_ckpt, uniform_teacher_ckpt, unifor
     opt = torch.optim.Adam(s.trainable_parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
-        terms = s.di4c_losses(batch, torch.Generator().manual_seed(1))  # the same noise every step
+        terms = terms_of(s, batch, torch.Generator().manual_seed(1))  # the same noise every step
         loss = (terms["distil"] + terms["data"] + terms["consis"]).mean()
         assert torch.isfinite(loss)
         opt.zero_grad()
@@ -208,12 +227,12 @@ def test_per_example_roles_and_times(teacher_ckpt, monkeypatch):
     monkeypatch.setattr(mixture, "consistency_times",
                         lambda t, *a, **k: (seen.__setitem__("t", t), consistency_times(t, *a, **k))[1])
     x = torch.randint(5, (6, 8))
-    terms = s.di4c_losses(x, torch.Generator().manual_seed(0))
+    terms = terms_of(s, x, torch.Generator().manual_seed(0))
     near = torch.tensor([True, False, True, False, True, False])
     assert (terms["consis"][near] == 0).all() and (terms["consis"][~near] != 0).all()
     assert (terms["distil"][~near] == 0).all()
     assert torch.equal(seen["t"], torch.tensor([0.6, 0.9, 0.3]))  # only consistency rows take a teacher step
-    expected = mixture.data_weight(torch.tensor([0.012, 0.6, 0.015, 0.9, 0.018, 0.3]), s.data_coeff, 20.0, 0.5)
+    expected = mixture.data_weight(torch.tensor([0.012, 0.6, 0.015, 0.9, 0.018, 0.3]), s.losses[1].a_t.coeff, 20.0, 0.5)
     assert torch.allclose(seen["weight"], expected)  # a(t) of each example's own time
 
 
@@ -247,7 +266,7 @@ def test_checkpoint_holds_no_teacher_and_reloads(teacher_ckpt, tmp_path):
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"save_last": True}}]},
         "model": {"class_path": "lightning_ddd.modules.MixtureStudent",
-                  "init_args": {"teacher_ckpt": teacher_ckpt, "num_lambda": 2, "lambda_dim": 8}},
+                  "init_args": {"teacher_ckpt": teacher_ckpt, "mixture": {"num_lambda": 2, "lambda_dim": 8}}},
         "data": {"class_path": "MarkovChain",
                  "init_args": {"vocab_size": 5, "seq_len": 8, "num_train": 48, "num_val": 32, "batch_size": 16}},
     }
@@ -273,4 +292,4 @@ def test_checkpoint_holds_no_teacher_and_reloads(teacher_ckpt, tmp_path):
     # Resuming rebuilds the student from its hyperparameters, which carry the teacher's hash.
     assert reloaded.hparams.teacher_sha256 == file_sha256(teacher_ckpt)
     with pytest.raises(ValueError, match="sha256"):
-        MixtureStudent(teacher_ckpt, num_lambda=2, lambda_dim=8, teacher_sha256="0" * 64)
+        student(teacher_ckpt, num_lambda=2, lambda_dim=8, teacher_sha256="0" * 64)

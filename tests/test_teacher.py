@@ -8,6 +8,7 @@ from lightning_ddd.data import MarkovChain
 from lightning_ddd.diffusion import MaskedProcess, UniformProcess
 from lightning_ddd.diffusion.losses import AnyOrderLoss, UniformELBO
 from lightning_ddd.modules import DiffusionTeacher
+from lightning_ddd.modules.base import NoiseStream
 from lightning_ddd.nn import DenoisingTransformer
 
 
@@ -96,3 +97,21 @@ def test_deep_copy_shares_optimiser_factories():
     clone = copy.deepcopy(model)
     assert clone.optimizer_factory is model.optimizer_factory
     assert clone.backbone is not model.backbone
+
+
+@pytest.mark.parametrize("step", ["training_step", "validation_step"])
+def test_the_base_checks_the_first_batch_of_each_stage(step):
+    model = DiffusionTeacher(5, 8, backbone=tiny_backbone())
+    with pytest.raises(ValueError, match="vocab_size is 5"):
+        getattr(model, step)(torch.full((2, 8), 5), 0)
+
+
+def test_compute_losses_is_the_logged_training_objective():
+    model = DiffusionTeacher(5, 8, backbone=tiny_backbone(), loss=AnyOrderLoss(), seed=3)
+    logged = {}
+    model.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    x = torch.randint(5, (4, 8), generator=torch.Generator().manual_seed(0))
+    loss = model.training_step(x, 0)
+    # The same seeded draws by hand: stream TRAIN at step 0, the bound per token.
+    bound = AnyOrderLoss()(model.denoise, x, model.process, model.noise_generator(NoiseStream.TRAIN, 0))
+    assert torch.equal(loss, bound.float().mean() / 8) and torch.equal(logged["train/loss"], loss.detach())

@@ -13,6 +13,7 @@ Shapes: ids (B, D) long; per-token distributions (B, D, V) fp32; times and weigh
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -27,6 +28,7 @@ Weighting = Literal["elbo", "constant"]
 
 __all__ = [
     "AuxTarget",
+    "TeacherShaping",
     "Weighting",
     "aux_targets",
     "auxiliary_loss",
@@ -102,6 +104,34 @@ def shape_teacher(log_probs: Tensor, temperature: float = 1.0, top_p: float = 1.
     if temperature != 1.0:
         out = torch.log_softmax(out / temperature, dim=-1)  # -inf (carried tokens) stays -inf, 0 stays 0
     return soft_top_p(out, top_p, shift)
+
+
+@dataclass(frozen=True)
+class TeacherShaping:
+    """How the frozen teacher's log-probs become l_theta: temperature tau, then a soft nucleus (``shape_teacher``).
+
+    Args:
+        temperature: tau; the teacher's log-probs are divided by it before the losses.
+        top_p: soft nucleus of the teacher (1.0 = off).
+        top_p_shift: Delta, nats taken from the teacher's tokens outside the nucleus (a finite soft cut; a
+            hard cut makes the generator loss diverge).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_p_shift: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"TeacherShaping: temperature={self.temperature} must be > 0.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"TeacherShaping: top_p={self.top_p} must lie in (0, 1].")
+        if not self.top_p_shift >= 0:
+            raise ValueError(f"TeacherShaping: top_p_shift={self.top_p_shift} must be >= 0.")
+
+    def __call__(self, log_probs: Tensor) -> Tensor:
+        """l_theta, (..., V) fp32."""
+        return shape_teacher(log_probs, self.temperature, self.top_p, self.top_p_shift)
 
 
 def loss_positions(z_s: Tensor, process: DiscreteProcess) -> Tensor | None:

@@ -12,16 +12,23 @@ before any arithmetic, so neither the values nor the gradients can be NaN. For t
 None (every position takes part).
 
 Shapes: B batch, M lambda draws (mixture components), N target samples, D dimensions, V vocabulary.
+
+The settings of the time draws, the data weight a(t) and the consistency step are small frozen dataclasses
+(``Di4CTimes``, ``DataWeight``, ``ConsistencyStep``) that check their values when built.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "ConsistencyStep",
+    "DataWeight",
+    "Di4CTimes",
     "categorical_kl",
     "consistency_loss",
     "consistency_times",
@@ -145,6 +152,35 @@ def data_weight(t: Tensor, coeff: float = 1.0, sharpness: float = 20.0, midpoint
     return coeff * torch.sigmoid(sharpness * (t.float() - midpoint))
 
 
+@dataclass(frozen=True)
+class DataWeight:
+    """a(t) = coeff sigmoid(sharpness (t - midpoint)), the weight of the data's correlation term in ``data_loss``.
+
+    Args:
+        coeff: c (1 for images, 0.1 for text in the reference code). At most 1: the term's marginal part,
+            + a(t) sum_d log Pbar^d(x^d), pushes the marginals away from the data, and only the KL term
+            (weight 1) holds them, so with a(t) > 1 the loss rewards wrong marginals (samples collapse).
+        sharpness: s (20 in the paper); 0 gives the constant c / 2.
+        midpoint: t0 (1/2 in the paper): the data's correlations weigh in above this noise level; -inf
+            (``-.inf`` in YAML) gives the constant a(t) = c at every noise level.
+    """
+
+    coeff: float = 0.1
+    sharpness: float = 20.0
+    midpoint: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.coeff <= 1.0:
+            raise ValueError(f"DataWeight: coeff={self.coeff} must lie in [0, 1] (above 1 the data term rewards "
+                             "wrong marginals; raise the data loss's weight to weigh the whole term more).")
+        if not self.sharpness >= 0.0:
+            raise ValueError(f"DataWeight: sharpness={self.sharpness} must be >= 0.")
+
+    def __call__(self, t: Tensor) -> Tensor:
+        """a(t) per example: (B,) times → (B,) float32."""
+        return data_weight(t, self.coeff, self.sharpness, self.midpoint)
+
+
 def data_loss(
     log_probs: Tensor,
     teacher_log_probs: Tensor,
@@ -245,3 +281,62 @@ def consistency_times(
     v = torch.rand(t.shape, generator=generator, device=t.device)
     step = step_min * (step_max / step_min) ** v  # log-uniform
     return t - torch.minimum(step.to(t.dtype), t / 2)
+
+
+@dataclass(frozen=True)
+class Di4CTimes:
+    """Per-example times and roles of a Di4C batch (see ``sample_times``).
+
+    Args:
+        delta: delta, the distillation examples' times lie in [delta, 2 delta].
+        distil_prob: fraction of examples that are distillation examples (0.3 in the reference code); the
+            others are consistency examples at t ~ U[delta, 1].
+    """
+
+    delta: float = 0.01
+    distil_prob: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.delta < 0.5:
+            raise ValueError(f"Di4CTimes: delta={self.delta} must lie in (0, 0.5).")
+        if not 0.0 <= self.distil_prob <= 1.0:
+            raise ValueError(f"Di4CTimes: distil_prob={self.distil_prob} must lie in [0, 1].")
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu"
+    ) -> tuple[Tensor, Tensor]:
+        """t (B,) float32 and near (B,) bool (True: distillation example)."""
+        return sample_times(batch_size, self.delta, self.distil_prob, generator, device)
+
+
+@dataclass(frozen=True)
+class ConsistencyStep:
+    """The consistency step Delta: the student at t matches one teacher step t → u = t - Delta, then itself at u.
+
+    Args:
+        step_min: smallest Delta (log-uniform in [step_min, step_max]; the paper: [1e-3, 1e-2]).
+        step_max: largest Delta; equal to ``step_min`` for a fixed step.
+        teacher_grid_steps: if > 0, Delta = 1 / teacher_grid_steps (one step of an n-step teacher grid),
+            overriding the log-uniform range.
+    """
+
+    step_min: float = 1e-3
+    step_max: float = 1e-2
+    teacher_grid_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.step_min <= self.step_max:
+            raise ValueError(f"ConsistencyStep: need 0 < step_min <= step_max, got {self.step_min}, {self.step_max}.")
+        if self.teacher_grid_steps < 0:
+            raise ValueError(f"ConsistencyStep: teacher_grid_steps={self.teacher_grid_steps} must be >= 0.")
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(smallest, largest) Delta after ``teacher_grid_steps``."""
+        if self.teacher_grid_steps > 0:
+            return 1.0 / self.teacher_grid_steps, 1.0 / self.teacher_grid_steps
+        return self.step_min, self.step_max
+
+    def draw(self, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """u per example, (B,) → (B,) (see ``consistency_times``)."""
+        return consistency_times(t, *self.bounds, generator=generator)

@@ -1,8 +1,8 @@
 """An autoregressive LM trained on the same data as the diffusion models: an offline evaluator for
 generative perplexity and the gradient moment, and a left-to-right baseline.
 
-It subclasses ``DiffusionModule`` only to share the CLI's links (vocab_size, seq_len), the optimiser
-set-up and the checkpoint checks; it has no forward process. Its one extra input id, ``vocab_size``, is
+It subclasses ``DiffusionModule`` to share the CLI's links (vocab_size, seq_len), the optimiser set-up,
+the training/validation steps and the checkpoint checks; it has no forward process. Its one extra input id, ``vocab_size``, is
 BOS, so the first token is modelled too and ``sequence_log_prob`` is an exact, normalised log p(x).
 """
 
@@ -60,7 +60,6 @@ class ARLanguageModel(DiffusionModule):
         seed: int = 0,
     ) -> None:
         super().__init__(vocab_size, seq_len, BOSInput, backbone, optimizer, lr_scheduler, seed)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])  # factories: not hyperparameters, not copyable
         self.val_nll = NLLMetric()
 
     @property
@@ -81,24 +80,13 @@ class ARLanguageModel(DiffusionModule):
         log_probs = self.next_token_log_probs(tokens)  # (B, D, V)
         return log_probs.gather(-1, tokens[..., None]).squeeze(-1).sum(-1)  # (B,)
 
-    def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
-        if self.global_step == 0 and batch_idx == 0:
-            self.check_batch(x)
-        loss = -self.sequence_log_prob(x).mean() / x.shape[1]  # nats per token
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+    def compute_losses(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return {"loss": -self.sequence_log_prob(x).mean() / x.shape[1]}  # nats per token; no noise drawn
 
-    def validation_step(self, x: Tensor, batch_idx: int) -> None:
-        if batch_idx == 0:
-            self.check_batch(x)
+    def validation_losses(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         nll = -self.sequence_log_prob(x)  # (B,)
         self.val_nll.update(nll, x.shape[1])
-        self.log("val/loss", nll.mean() / x.shape[1], sync_dist=True, batch_size=x.shape[0])
-
-    def on_validation_epoch_end(self) -> None:
-        for name, value in self.val_nll.compute().items():
-            self.log(f"val/{name}", value.float(), prog_bar=name == "nll")
-        self.val_nll.reset()
+        return {"loss": nll.mean() / x.shape[1]}
 
     @torch.no_grad()
     def generate(

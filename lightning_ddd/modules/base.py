@@ -1,7 +1,10 @@
-"""The shared base of every LightningModule in lightning_ddd: process, backbone, optimiser, seeded noise."""
+"""The shared base of every LightningModule in lightning_ddd: process, backbone, optimiser, seeded noise, and
+the training/validation step skeleton (a template: subclasses fill in ``compute_losses``)."""
 
 from __future__ import annotations
 
+import enum
+import inspect
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -47,12 +50,23 @@ class shared_attribute:
         obj.__dict__[self.key] = Shared(value)
 
 
-class DiffusionModule(pl.LightningModule):
-    """Base class: owns the forward process and the denoising backbone, and the optimiser set-up.
+class NoiseStream(enum.IntEnum):
+    """The seeded noise streams: training, validation and evaluation never share draws."""
 
-    Subclasses implement ``training_step``/``validation_step``. All training noise is drawn from a
-    generator seeded by (seed, step, rank), so a resumed run draws exactly the noise an uninterrupted
-    run would.
+    TRAIN = 0
+    VAL = 1
+    EVAL = 2
+
+
+class DiffusionModule(pl.LightningModule):
+    """Base class: owns the forward process, the denoising backbone, the optimiser set-up and the steps.
+
+    A subclass implements ``compute_losses(batch, generator) -> dict`` (the key ``"loss"`` is optimised,
+    every key is logged as ``train/<key>``); the base checks the first batch, draws the noise from a
+    generator seeded by (seed, stream, step, rank), so a resumed run draws exactly the noise an
+    uninterrupted run would, and logs. Validation logs ``validation_losses`` (by default the same dictionary
+    on fixed noise) as ``val/<key>``, and ``val/nll``, ``val/ppl``, ``val/bpd`` when the module has a
+    ``val_nll`` metric. Hyperparameters are the init arguments less ``hparams_ignore``.
 
     Args:
         vocab_size: real token ids V (linked from the data).
@@ -66,6 +80,10 @@ class DiffusionModule(pl.LightningModule):
 
     optimizer_factory = shared_attribute()
     lr_scheduler_factory = shared_attribute()
+    #: init arguments kept out of ``hparams`` (factories: not hyperparameters, and not copyable)
+    hparams_ignore: tuple[str, ...] = ("optimizer", "lr_scheduler")
+    #: keys of the loss dictionary shown in the progress bar
+    progress_bar_keys: tuple[str, ...] = ("loss",)
 
     def __init__(
         self,
@@ -87,6 +105,13 @@ class DiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.seed = seed
+        self._checked_stages: set[str] = set()
+        # The init arguments of this frame and of every subclass's __init__ that called it (the outer one
+        # wins); arguments of this base that the subclass does not take (a student's copied process and
+        # backbone) are not its hyperparameters.
+        own = inspect.signature(type(self).__init__).parameters
+        base_only = [name for name in inspect.signature(DiffusionModule.__init__).parameters if name not in own]
+        self.save_hyperparameters(ignore=[*self.hparams_ignore, *base_only], frame=inspect.currentframe())
 
     # ---- the denoiser -------------------------------------------------------------------------------
     def denoise(self, z_t: Tensor, t: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
@@ -115,10 +140,44 @@ class DiffusionModule(pl.LightningModule):
         )
 
     # ---- seeded noise -------------------------------------------------------------------------------
-    def noise_generator(self, stream: int, index: int) -> torch.Generator:
+    def noise_generator(self, stream: NoiseStream | int, index: int) -> torch.Generator:
         """A generator seeded by (seed, stream, index, rank): the same numbers on a resumed run."""
-        seed = ((self.seed * 1_000_003 + stream) * 1_000_033 + index) * 1031 + self.global_rank
+        seed = ((self.seed * 1_000_003 + int(stream)) * 1_000_033 + index) * 1031 + self.global_rank
         return torch.Generator(device=self.device).manual_seed(seed % (2**63))
+
+    # ---- the steps ----------------------------------------------------------------------------------
+    def compute_losses(self, batch: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """The objective on a (B, D) batch of ids: ``{"loss": optimised scalar, other keys: logged scalars}``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_losses(batch, generator).")
+
+    def validation_losses(self, batch: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """The scalars logged under ``val/``; by default ``compute_losses`` (the generator is fixed per batch)."""
+        return self.compute_losses(batch, generator)
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        self.check_first_batch(batch, "train")
+        losses = self.compute_losses(batch, self.noise_generator(NoiseStream.TRAIN, self.global_step))
+        self.log_losses("train", losses, batch.shape[0])
+        return losses["loss"]
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.check_first_batch(batch, "val")
+        # Seeded by the batch index: the same draws at every validation.
+        losses = self.validation_losses(batch, self.noise_generator(NoiseStream.VAL, batch_idx))
+        self.log_losses("val", losses, batch.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        metric = getattr(self, "val_nll", None)  # an NLLMetric filled by validation_losses
+        if metric is not None:
+            for name, value in metric.compute().items():
+                self.log(f"val/{name}", value.float(), prog_bar=name == "nll")
+            metric.reset()
+
+    def log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> None:
+        """Log every entry as ``<stage>/<key>`` (validation values averaged over batches and devices)."""
+        for name, value in losses.items():
+            self.log(f"{stage}/{name}", value.detach().float(), prog_bar=name in self.progress_bar_keys,
+                     sync_dist=stage != "train", batch_size=batch_size)
 
     # ---- checks that fail early with a clear message ------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -132,6 +191,12 @@ class DiffusionModule(pl.LightningModule):
                     f"{name} mismatch: the data has {name}={data_value} but the model was built with "
                     f"{model_value}; let the CLI link it from the data or use a checkpoint trained on this data."
                 )
+
+    def check_first_batch(self, x: Tensor, stage: str) -> None:
+        """``check_batch`` on the first batch of each stage in this process (one host sync, then free)."""
+        if stage not in self._checked_stages:
+            self.check_batch(x)
+            self._checked_stages.add(stage)
 
     def check_batch(self, x: Tensor) -> None:
         """Raise if token ids fall outside [0, vocab_size) (cheap; called on the first batch)."""

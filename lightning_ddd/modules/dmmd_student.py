@@ -8,27 +8,64 @@ initialisation the auxiliary equals the teacher and the student's gradient is ze
 
 So ``trainer.max_steps`` counts both kinds: N steps are N/2 student updates. The alternation phase is a
 counter saved in the checkpoint, and every draw comes from a generator seeded by that counter, so a
-resumed run repeats an uninterrupted one exactly. The maths lives in ``lightning_ddd.diffusion.dmmd``.
+resumed run repeats an uninterrupted one exactly. The maths lives in ``lightning_ddd.diffusion.dmmd``, the
+two loss terms in ``lightning_ddd.modules.student_losses``.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import operator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_ddd.diffusion import dmmd
-from lightning_ddd.diffusion.categorical import sample_categorical
+from lightning_ddd.diffusion.dmmd import TeacherShaping, loss_positions, masked_mean
 from lightning_ddd.diffusion.processes import MaskedProcess
-from lightning_ddd.modules.base import shared_attribute
+from lightning_ddd.modules.base import NoiseStream, shared_attribute
 from lightning_ddd.modules.student import DistilledStudent
+from lightning_ddd.modules.student_losses import DistillationLoss, DMMDAuxiliaryLoss, DMMDContext, DMMDGeneratorLoss
 
-TRAIN_STREAM = 0
 #: noise inputs of a masked student when ``noise_dim`` is left at None
 DEFAULT_MASKED_NOISE_DIM = 16
+
+
+@dataclass(frozen=True)
+class DMMDSettings:
+    """The D-MMD student's step count, noise input, loss weighting and gradient clipping.
+
+    Args:
+        num_steps: k, the student's number of sampling steps; the training gap t - s is drawn from U(0, 1/k).
+            Train one student per step count: the student does not see the step size.
+        noise_dim: size of the per-position Gaussian noise input (0 = off). None: 16 for masked, 0 for uniform.
+        weighting: w(s), "elbo" (the schedule's ELBO weight, 1/s for log-linear) or "constant".
+        gradient_clip_val: max gradient norm of each model per iteration (0 = off); the Trainer's own
+            ``gradient_clip_val`` must stay unset (Lightning refuses it under manual optimisation).
+    """
+
+    num_steps: int = 4
+    noise_dim: int | None = None
+    weighting: Literal["elbo", "constant"] = "elbo"
+    gradient_clip_val: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"DMMDSettings: num_steps={self.num_steps} must be >= 1.")
+        if self.noise_dim is not None and self.noise_dim < 0:
+            raise ValueError(f"DMMDSettings: noise_dim={self.noise_dim} must be >= 0 (or null for the default).")
+        if self.weighting not in ("elbo", "constant"):
+            raise ValueError(f"DMMDSettings: weighting='{self.weighting}' is not one of 'elbo', 'constant'.")
+        if not self.gradient_clip_val >= 0:
+            raise ValueError(f"DMMDSettings: gradient_clip_val={self.gradient_clip_val} must be >= 0.")
+
+
+def dmmd_losses() -> list[DistillationLoss]:
+    """The paper's pair: the generator loss (trains the student) and the auxiliary loss (trains the auxiliary)."""
+    return [DMMDGeneratorLoss(), DMMDAuxiliaryLoss()]
 
 
 class DMMDStudent(DistilledStudent):
@@ -43,27 +80,24 @@ class DMMDStudent(DistilledStudent):
     the step size, so a student is best at the ``num_steps`` it was trained for; run with many more steps
     its samples come out sharper than the teacher's.
 
-    Logs ``train/loss_gen``, ``train/loss_aux`` (nats per token, both every step), ``train/student_entropy``
-    (mean entropy of the student's x-prediction at noised positions) and ``train/aux_teacher_gap`` (mean
-    KL(teacher || auxiliary) per summed position). Without a noise input a falling output entropy means
-    collapse; with one, some fall is expected (the noise carries part of the randomness), so check the
-    entropy of samples (``evaluate``) as well.
+    Each step draws one :class:`DMMDContext` (times, the student's sample, z_s, the shaped teacher and the
+    auxiliary at z_s), evaluates every loss on it and updates one model with the sum of its terms. Logs
+    ``train/loss_gen``, ``train/loss_aux`` (one ``loss_<name>`` per term, nats per token, all every step),
+    ``train/student_entropy`` (mean entropy of the student's x-prediction at noised positions) and
+    ``train/aux_teacher_gap`` (mean KL(teacher || auxiliary) per summed position). Without a noise input a
+    falling output entropy means collapse; with one, some fall is expected (the noise carries part of the
+    randomness), so check the entropy of samples (``evaluate``) as well. There is no validation loop: the
+    losses measure the two models against each other, not the samples; use ``evaluate``.
 
     Args:
         teacher_ckpt: path of the teacher's checkpoint (not ``ckpt_path``, which resumes the student).
         vocab_size: linked from the data; must equal the teacher's.
         seq_len: linked from the data; must equal the teacher's.
-        num_steps: k, the student's number of sampling steps; the training gap t - s is drawn from U(0, 1/k).
-            Train one student per step count: the student does not see the step size.
-        teacher_temperature: tau; the teacher's log-probs are divided by it before the losses.
-        top_p: soft nucleus of the teacher (1.0 = off).
-        top_p_shift: Delta, nats taken from the teacher's tokens outside the nucleus (a finite soft cut).
-        aux_target: the auxiliary's target, "soft" (the student's probabilities, masked only) or "hard" (its
-            sampled tokens; required for uniform). None: soft for masked, hard for uniform.
-        weighting: w(s), "elbo" (the schedule's ELBO weight, 1/s for log-linear) or "constant".
-        noise_dim: size of the per-position Gaussian noise input (0 = off). None: 16 for masked, 0 for uniform.
-        gradient_clip_val: max gradient norm of each model per iteration (0 = off); the Trainer's own
-            ``gradient_clip_val`` must stay unset (Lightning refuses it under manual optimisation).
+        dmmd: the step count k, the noise input, the weighting w(s) and the gradient clipping.
+        teacher_shaping: temperature and soft nucleus applied to the teacher's log-probs.
+        losses: the terms (``DistillationLoss`` subclasses reading a ``DMMDContext``); each trains the student
+            or the auxiliary. Default: ``DMMDGeneratorLoss`` and ``DMMDAuxiliaryLoss`` (soft targets for
+            masked, hard for uniform).
         optimizer: optimiser of the student.
         aux_optimizer: optimiser of the auxiliary model. It must track the student: give it a learning rate
             at least the student's (3x the student's was stable where equal rates let the student run ahead).
@@ -75,20 +109,19 @@ class DMMDStudent(DistilledStudent):
 
     aux_optimizer_factory = shared_attribute()
     aux_lr_scheduler_factory = shared_attribute()
+    hparams_ignore = ("optimizer", "lr_scheduler", "aux_optimizer", "aux_lr_scheduler")
+    progress_bar_keys = ("loss_gen", "loss_aux")
+    context_class = DMMDContext
+    validation_step = None  # no validation loop (see above); Lightning skips it when the hook is unset
 
     def __init__(
         self,
         teacher_ckpt: str,
         vocab_size: int | None = None,
         seq_len: int | None = None,
-        num_steps: int = 4,
-        teacher_temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_p_shift: float = 2.0,
-        aux_target: Literal["soft", "hard"] | None = None,
-        weighting: Literal["elbo", "constant"] = "elbo",
-        noise_dim: int | None = None,
-        gradient_clip_val: float = 1.0,
+        dmmd: DMMDSettings = DMMDSettings(),
+        teacher_shaping: TeacherShaping = TeacherShaping(),
+        losses: list[DistillationLoss] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         aux_optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -96,35 +129,20 @@ class DMMDStudent(DistilledStudent):
         seed: int = 0,
         teacher_sha256: str | None = None,
     ) -> None:
-        super().__init__(teacher_ckpt, vocab_size, seq_len, optimizer, lr_scheduler, seed, teacher_sha256)
-        # Like the student's own: factories are not hyperparameters (and a lambda cannot be pickled).
-        self.remove_ignored_hparams(["aux_optimizer", "aux_lr_scheduler"])
+        super().__init__(teacher_ckpt, vocab_size, seq_len, optimizer, lr_scheduler, seed, teacher_sha256,
+                         losses=dmmd_losses() if losses is None else losses)
+        trained = {loss.trains for loss in self.losses}
+        if trained != {"student", "auxiliary"}:
+            raise ValueError(f"DMMDStudent: the losses must train both the student and the auxiliary, got {sorted(trained)}.")
         masked = isinstance(self.process, MaskedProcess)
-        aux_target = aux_target or ("soft" if masked else "hard")
-        noise_dim = (DEFAULT_MASKED_NOISE_DIM if masked else 0) if noise_dim is None else noise_dim
-        if num_steps < 1 or not teacher_temperature > 0 or not 0.0 < top_p <= 1.0 or top_p_shift < 0:
-            raise ValueError(
-                f"DMMDStudent: need num_steps >= 1, teacher_temperature > 0, 0 < top_p <= 1, top_p_shift >= 0 "
-                f"(got {num_steps}, {teacher_temperature}, {top_p}, {top_p_shift})."
-            )
-        if aux_target not in ("soft", "hard") or weighting not in ("elbo", "constant"):
-            raise ValueError(f"DMMDStudent: unknown aux_target='{aux_target}' or weighting='{weighting}'.")
-        if aux_target == "soft" and not masked:
-            raise ValueError(
-                "DMMDStudent: aux_target='soft' is biased for the uniform process (z_s depends on every sampled "
-                "token); use aux_target='hard'."
-            )
-        if noise_dim < 0 or gradient_clip_val < 0:
-            raise ValueError(f"DMMDStudent: noise_dim={noise_dim} and gradient_clip_val={gradient_clip_val} must be >= 0.")
-        self.num_steps, self.noise_dim = num_steps, noise_dim
-        self.teacher_temperature, self.top_p, self.top_p_shift = teacher_temperature, top_p, top_p_shift
-        self.aux_target, self.weighting, self.gradient_clip_val = aux_target, weighting, gradient_clip_val
+        self.dmmd, self.teacher_shaping = dmmd, teacher_shaping
+        self.noise_dim = (DEFAULT_MASKED_NOISE_DIM if masked else 0) if dmmd.noise_dim is None else dmmd.noise_dim
         self.aux_optimizer_factory = aux_optimizer
         self.aux_lr_scheduler_factory = aux_lr_scheduler
         # The auxiliary is a trained submodule (in the checkpoint), unlike the frozen teacher.
         self.aux_backbone = copy.deepcopy(self.teacher.backbone).requires_grad_(True)
-        if noise_dim > 0:
-            self.backbone.add_cond_input(noise_dim)  # zero-initialised: the student starts as the teacher
+        if self.noise_dim > 0:
+            self.backbone.add_cond_input(self.noise_dim)  # zero-initialised: the student starts as the teacher
         self.train()  # the copies inherit the loaded teacher's eval mode; the teacher itself stays in eval
         self.automatic_optimization = False
         self.iteration = 0  # alternation counter: even = auxiliary, odd = student; saved in checkpoints
@@ -150,64 +168,51 @@ class DMMDStudent(DistilledStudent):
 
     @torch.no_grad()
     def teacher_log_probs(self, z_s: Tensor, s: Tensor) -> Tensor:
-        """l_theta, (B, D, V): the frozen teacher at temperature tau with the soft top-p."""
-        raw = self.teacher.denoise(z_s, s.float())
-        return dmmd.shape_teacher(raw, self.teacher_temperature, self.top_p, self.top_p_shift)
+        """l_theta, (B, D, V): the frozen teacher shaped by ``teacher_shaping`` (temperature, soft top-p)."""
+        return self.teacher_shaping(self.teacher.denoise(z_s, s.float()))
 
     # ---- training ----------------------------------------------------------------------------------
     def training_step(self, x: Tensor, batch_idx: int) -> None:
-        if self.iteration == 0:
-            self.check_batch(x)
-        train_student = self.iteration % 2 == 1
-        out = self.compute_losses(x, self.noise_generator(TRAIN_STREAM, self.iteration), train_student)
-        self._update(0 if train_student else 1, out["loss_gen"] if train_student else out["loss_aux"])
+        self.check_first_batch(x, "train")
+        trains = "student" if self.iteration % 2 == 1 else "auxiliary"
+        out = self.compute_losses(x, self.noise_generator(NoiseStream.TRAIN, self.iteration), trains)
+        self._update(0 if trains == "student" else 1, out.pop("loss"))
         self.iteration += 1
         # Every value is logged at every step (each loss is free given the other's forward passes), so the
         # curves do not depend on whether log_every_n_steps is odd or even.
-        for name, value in out.items():
-            self.log(f"train/{name}", value.detach(), prog_bar=name.startswith("loss"))
+        self.log_losses("train", out, x.shape[0])
 
-    def compute_losses(self, x: Tensor, generator: torch.Generator | None, train_student: bool) -> dict[str, Tensor]:
-        """One D-MMD draw on clean ids x (B, D): both losses (nats per token) and the two diagnostics.
+    def compute_losses(
+        self, x: Tensor, generator: torch.Generator | None, trains: Literal["student", "auxiliary"] | None = None
+    ) -> dict[str, Tensor]:
+        """One D-MMD draw on clean ids x (B, D): every term (nats per token) and the two diagnostics.
 
-        Gradients flow into the student (``loss_gen``) when ``train_student``, else into the auxiliary
-        (``loss_aux``); the other model runs without a graph.
+        With ``trains`` set, gradients flow into that model only and ``"loss"`` is the sum of its terms;
+        the other model runs without a graph. With None neither keeps a graph and there is no ``"loss"``.
         """
-        B, D = x.shape
-        s, t = dmmd.draw_times(B, self.num_steps, generator, x.device)  # (B,) each, float64
-        z_t = self.process.corrupt(x, t, generator)  # (B, D)
-        eps = self.draw_noise(B, generator)  # (B, D, C) or None
-        with torch.set_grad_enabled(train_student):
-            log_p = self.denoise(z_t, t.float(), eps)  # (B, D, V); carried tokens at visible positions
-        p = log_p.exp()
-        x_hat = sample_categorical(log_p.detach(), generator)  # (B, D), float64 Gumbel-max
-        z_s = self.process.posterior_sample(z_t, x_hat, s, t, generator)  # (B, D)
-
-        l_theta = self.teacher_log_probs(z_s, s)  # (B, D, V)
-        positions = dmmd.loss_positions(z_s, self.process)  # (B, D) or None
-        weight = dmmd.loss_weight(self.process.schedule, s, self.weighting)  # (B,)
-        target = dmmd.aux_targets(p, x_hat, self.aux_target)  # (B, D, V)
-        with torch.set_grad_enabled(not train_student):
-            l_phi = self.aux_log_probs(z_s, s)  # (B, D, V)
-
+        D = x.shape[1]
+        ctx = DMMDContext(self, x, generator, trains)
+        terms = self.loss_terms(ctx)  # (B,) each, nats per sequence
+        out = {f"loss_{name}": value.mean() / D for name, value in terms.items()}
+        if trains is not None:
+            out["loss"] = functools.reduce(operator.add, [out[f"loss_{loss.name}"] for loss in self.losses
+                                                          if loss.trains == trains])
         with torch.no_grad():
-            entropy = -(p * log_p.clamp_min(-1e30)).sum(-1)  # (B, D); clamp: 0 * -inf would be NaN
+            l_theta, l_phi = ctx.teacher_log_probs, ctx.aux_log_probs
+            entropy = -(ctx.p * ctx.log_p.clamp_min(-1e30)).sum(-1)  # (B, D); clamp: 0 * -inf would be NaN
             safe_theta = torch.where(l_theta.isfinite(), l_theta, torch.zeros_like(l_theta))
             kl = (l_theta.exp() * (safe_theta - l_phi)).sum(-1)  # (B, D): KL(teacher || auxiliary)
-        return {
-            "loss_gen": dmmd.generator_loss(p, l_phi, l_theta, weight, positions).mean() / D,
-            "loss_aux": dmmd.auxiliary_loss(l_phi, l_theta, target, weight, positions).mean() / D,
-            "student_entropy": dmmd.masked_mean(entropy, dmmd.loss_positions(z_t, self.process)),
-            "aux_teacher_gap": dmmd.masked_mean(kl, positions),
-        }
+        out["student_entropy"] = masked_mean(entropy, loss_positions(ctx.z_t, self.process))
+        out["aux_teacher_gap"] = masked_mean(kl, ctx.positions)
+        return out
 
     def _update(self, index: int, loss: Tensor) -> None:
         """One step of optimiser ``index`` (0 = student, 1 = auxiliary) and its scheduler."""
         optimizer = self.optimizers()[index]
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if self.gradient_clip_val > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        if self.dmmd.gradient_clip_val > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.dmmd.gradient_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
         if self._schedulers[index] is not None:
             self._schedulers[index].step()

@@ -1,4 +1,4 @@
-"""The shared base of distilled students: a frozen teacher loaded from a checkpoint path.
+"""The shared base of distilled students: a frozen teacher loaded from a checkpoint path, and pluggable losses.
 
 The teacher is held outside the student's module tree, so it is not in ``parameters()`` (so not in the
 optimiser), not in ``state_dict()`` (so not in the student's checkpoints), and not copied by the EMA
@@ -8,13 +8,15 @@ callback's deep copy. Its path and content hash are recorded in the student's hy
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
 
 from lightning_ddd.checkpoints import CheckpointError, checkpoint_class, file_sha256, validate_checkpoint
 from lightning_ddd.modules.base import DiffusionModule, Shared
+from lightning_ddd.modules.student_losses import DistillationLoss
 
 
 def load_teacher(path: str) -> DiffusionModule:
@@ -30,7 +32,10 @@ def load_teacher(path: str) -> DiffusionModule:
 
 class DistilledStudent(DiffusionModule):
     """Base class of students. Builds the student as a copy of the teacher (same process, same backbone
-    weights); subclasses add their conditioning input and losses.
+    weights) and holds its ``losses`` (:class:`~lightning_ddd.modules.student_losses.DistillationLoss`);
+    subclasses add their conditioning input (``step_condition``), draw a ``context_class`` per batch, and
+    combine the terms in ``compute_losses``. The teacher is loaded by ``load_teacher`` (override it to take
+    teachers from elsewhere).
 
     Args:
         teacher_ckpt: path of the teacher's checkpoint (not ``ckpt_path``, which resumes the student).
@@ -41,7 +46,12 @@ class DistilledStudent(DiffusionModule):
         seed: seed of the training noise.
         teacher_sha256: expected hash of the teacher file; filled in from the checkpoint when resuming or
             evaluating (leave it unset), and checked so that a changed teacher file fails early.
+        losses: the terms of the student's objective (at least one, distinct names); each is checked with
+            ``check_student`` once the teacher, process and backbone exist.
     """
+
+    #: the per-batch context the losses read (see ``DistillationLoss.context``)
+    context_class: type = object
 
     def __init__(
         self,
@@ -52,8 +62,9 @@ class DistilledStudent(DiffusionModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
         teacher_sha256: str | None = None,
+        losses: Sequence[DistillationLoss] = (),
     ) -> None:
-        teacher = load_teacher(teacher_ckpt)
+        teacher = self.load_teacher(teacher_ckpt)
         for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len)):
             if value is not None and value != getattr(teacher, name):
                 raise ValueError(
@@ -72,13 +83,26 @@ class DistilledStudent(DiffusionModule):
         self.backbone.requires_grad_(True)
         self.backbone.train()  # the copy inherits the loaded teacher's eval mode; Lightning keeps module modes
         self._teacher = Shared(teacher)  # out of children, state_dict and EMA copies
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "aux_optimizer", "aux_lr_scheduler"])  # factories: not hyperparameters, not copyable
         self.hparams["teacher_sha256"] = file_sha256(teacher_ckpt)
         if teacher_sha256 is not None and teacher_sha256 != self.hparams.teacher_sha256:
             raise ValueError(
                 f"{type(self).__name__}: the teacher '{teacher_ckpt}' has sha256 {self.hparams.teacher_sha256} but "
                 f"this student was trained against {teacher_sha256}; resume or evaluate with the original teacher file."
             )
+        self.losses = list(losses)
+        names = [loss.name for loss in self.losses]
+        if not self.losses or len(set(names)) < len(names):
+            raise ValueError(f"{type(self).__name__}: need at least one loss and distinct loss names, got {names}.")
+        for loss in self.losses:
+            loss.check_student(self)
+
+    def load_teacher(self, teacher_ckpt: str) -> DiffusionModule:
+        """The frozen teacher named by ``teacher_ckpt`` (called before the student is built; no state yet)."""
+        return load_teacher(teacher_ckpt)
+
+    def loss_terms(self, ctx: Any) -> dict[str, Tensor]:
+        """Every loss on one context: name → (B,) weighted per-sequence values in nats."""
+        return {loss.name: loss(ctx) for loss in self.losses}
 
     @property
     def teacher(self) -> DiffusionModule:

@@ -13,8 +13,6 @@ from lightning_ddd.modules.base import BackboneFactory, DiffusionModule, Process
 from lightning_ddd.nn import DenoisingTransformer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-TRAIN_STREAM, VAL_STREAM = 0, 1
-
 
 class DiffusionTeacher(DiffusionModule):
     """Discrete diffusion teacher. Masked (default): RADD's time-independent network trained with t-DCE,
@@ -50,7 +48,6 @@ class DiffusionTeacher(DiffusionModule):
         seed: int = 0,
     ) -> None:
         super().__init__(vocab_size, seq_len, process, backbone, optimizer, lr_scheduler, seed)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])  # factories: not hyperparameters, not copyable
         self.loss = loss if loss is not None else TimeDCE()
         self.val_loss = val_loss if val_loss is not None else self.loss
         if val_num_draws < 1:
@@ -65,23 +62,11 @@ class DiffusionTeacher(DiffusionModule):
                 )
         self.val_nll = NLLMetric()
 
-    def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
-        if self.global_step == 0 and batch_idx == 0:
-            self.check_batch(x)
-        bound = self.loss(self.denoise, x, self.process, self.noise_generator(TRAIN_STREAM, self.global_step))
-        loss = bound.float().mean() / x.shape[1]  # nats per token, fp32
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+    def compute_losses(self, x: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        bound = self.loss(self.denoise, x, self.process, generator)  # (B,) nats per sequence
+        return {"loss": bound.float().mean() / x.shape[1]}  # nats per token, fp32
 
-    def validation_step(self, x: Tensor, batch_idx: int) -> None:
-        if batch_idx == 0:
-            self.check_batch(x)
-        generator = self.noise_generator(VAL_STREAM, batch_idx)  # same draws every validation
+    def validation_losses(self, x: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
         bound = estimate_nll(self.denoise, x, self.process, self.val_loss, self.val_num_draws, generator)
         self.val_nll.update(bound, x.shape[1])
-        self.log("val/loss", bound.float().mean() / x.shape[1], sync_dist=True, batch_size=x.shape[0])
-
-    def on_validation_epoch_end(self) -> None:
-        for name, value in self.val_nll.compute().items():
-            self.log(f"val/{name}", value.float(), prog_bar=name == "nll")
-        self.val_nll.reset()
+        return {"loss": bound.float().mean() / x.shape[1]}
