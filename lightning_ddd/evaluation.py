@@ -90,11 +90,13 @@ def generate(model: DiffusionModule, settings: SamplingSettings, progress: bool 
 
 
 def sample_metrics(tokens: Tensor, datamodule: TokenDataModule | None, vocab_size: int) -> dict[str, float]:
-    """Metrics of samples that need no extra model: unigram entropy, and the exact oracle NLL when the data has one."""
+    """Metrics of samples that need no extra model: unigram entropy, and where the data's law is known the exact
+    oracle NLL and the data's ``sample_statistics`` (e.g. marginal and transition KL of a Markov chain)."""
     metrics = {"entropy": unigram_entropy(tokens, vocab_size).mean().item()}
     oracle = datamodule.oracle_log_likelihood(tokens) if datamodule is not None else None
     if oracle is not None:
         metrics["oracle_nll"] = (-oracle.double().mean() / tokens.shape[1]).item()
+    metrics.update(datamodule.sample_statistics(tokens) if datamodule is not None else {})
     return metrics
 
 
