@@ -111,12 +111,12 @@ class MetricOptions:
         gradient_moment: also the D-MMD gradient moment under the evaluator (a torch model), against as many
             validation sequences as there are samples.
         gradient_moment_params: regular expression selecting the evaluator parameters it uses (None: all).
-        fid: FID of the decoded samples against the training images (image data only).
+        fid: FID of the decoded samples against the held-out (validation) images (image data only).
         isc: Inception Score of the decoded samples.
-        kid: KID against the training images.
+        kid: KID against the held-out (validation) images.
         fid_extractor: torch-fidelity feature extractor: ``inception-v3-compat`` or the offline ``digits-cnn``.
         fid_weights_path: local weights of the extractor (None: its default, which may download).
-        fid_reference_size: training images in the reference statistics (None: all).
+        fid_reference_size: validation images in the reference statistics (None: all).
         cache_dir: folder of the cached reference statistics.
     """
 
@@ -179,7 +179,7 @@ class SampleScorer:
             if options.fid or options.kid:
                 reference = dataset_reference(datamodule, options.fid_extractor, options.fid_weights_path,
                                               options.cache_dir, options.fid_reference_size, keep_features=options.kid)
-                self.record["fid_reference_images"] = reference.num
+                self.record["fid_reference_images"], self.record["fid_reference_split"] = reference.num, reference.split
             self.fidelity = ImageFidelity(reference, options.fid_extractor, options.fid_weights_path,
                                           isc=options.isc, kid=options.kid).to(device)
             self.record["fid_extractor"] = options.fid_extractor
@@ -209,6 +209,27 @@ class SampleScorer:
             for chunk in samples.split(batch):
                 self.moment.update(chunk, source)
         return self.moment.compute().item()
+
+
+def data_row(scorer: SampleScorer, num_samples: int, seed: int = 0) -> dict:
+    """The scorer's metrics on ``num_samples`` real sequences: the floor a perfect sampler reaches at this N.
+
+    Small-sample metrics are biased (FID, smoothed KLs, entropy), so a sample figure is read against this
+    row. The sequences must lie outside every reference: the validation split, or the training split when
+    FID/KID statistics or the gradient moment's data come from the validation split. A seeded random
+    subset when the split is larger than N (fewer rows when it is smaller).
+    """
+    reference_uses_val = scorer.moment is not None or (
+        scorer.fidelity is not None and getattr(scorer.fidelity.reference, "split", None) == "val")
+    split = "train" if reference_uses_val else "val"
+    scorer.datamodule.setup("fit")
+    dataset = getattr(scorer.datamodule, f"{split}_set")
+    if getattr(dataset, "tokens", None) is not None and len(dataset) > num_samples:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples]
+        tokens = dataset.tokens[order.sort().values].long()  # (N, D)
+    else:
+        tokens = dataset_tokens(dataset, num_samples)
+    return {"model_class": "data", "data_split": split, "num_samples": len(tokens), **scorer.record, **scorer(tokens)}
 
 
 def dataset_tokens(dataset, limit: int | None = None) -> Tensor:
