@@ -216,14 +216,17 @@ def data_row(scorer: SampleScorer, num_samples: int, seed: int = 0) -> dict:
 
     Small-sample metrics are biased (FID, smoothed KLs, entropy), so a sample figure is read against this
     row. The sequences must lie outside every reference: the validation split, or the training split when
-    FID/KID statistics or the gradient moment's data come from the validation split. A seeded random
-    subset when the split is larger than N (fewer rows when it is smaller).
+    FID/KID statistics or the gradient moment's data come from the validation split, or when the validation
+    split holds fewer than N sequences and the training split more. A seeded random subset of the split
+    (all of it, and fewer rows, when it is smaller than N).
     """
+    data = scorer.datamodule
+    data.setup("fit")
     reference_uses_val = scorer.moment is not None or (
         scorer.fidelity is not None and getattr(scorer.fidelity.reference, "split", None) == "val")
-    split = "train" if reference_uses_val else "val"
-    scorer.datamodule.setup("fit")
-    dataset = getattr(scorer.datamodule, f"{split}_set")
+    too_small = len(data.val_set) < num_samples < len(data.train_set)
+    split = "train" if reference_uses_val or too_small else "val"
+    dataset = getattr(data, f"{split}_set")
     if getattr(dataset, "tokens", None) is not None and len(dataset) > num_samples:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples]
         tokens = dataset.tokens[order.sort().values].long()  # (N, D)

@@ -222,7 +222,8 @@ def test_data_row_scores_real_sequences_outside_every_reference(digits_cnn, tmp_
     order = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:16].sort().values
     assert row == {"model_class": "data", "data_split": "val", "num_samples": 16,
                    **sample_metrics(chain.val_set.tokens[order], chain, 3)}
-    assert data_row(scorer, 100)["num_samples"] == 40  # all of a smaller split
+    assert (data_row(scorer, 50)["data_split"], data_row(scorer, 50)["num_samples"]) == ("train", 50)  # val too small
+    assert data_row(scorer, 100)["num_samples"] == 40  # both too small: all of the validation split
 
     digits = Digits()
     options = MetricOptions(fid=True, fid_extractor="digits-cnn", fid_weights_path=digits_cnn, cache_dir=str(tmp_path))
