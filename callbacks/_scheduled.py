@@ -122,8 +122,8 @@ class SampleMetricsLogger(ScheduledSampling):
         log_scalars(trainer, {f"sample/{name}": value for name, value in self.score(tokens).items()})
         if not self._protocol_logged:
             floor = data_row(self.scorer, self.settings.num_samples, self.settings.seed)  # real data, same N
-            record = {**asdict(self.settings), "sampler": self.settings.sampler, **self.scorer.record,
-                      **{f"data_{k}": v for k, v in floor.items() if k not in self.scorer.record and k != "model_class"}}
+            floor = {f"data_{k}": v for k, v in floor.items() if k not in self.scorer.record and k != "model_class"}
+            record = {**asdict(self.settings), "sampler": self.settings.sampler, **self.scorer.record, **floor}
             table = "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in record.items())
             log_markdown(trainer, f"sample/protocol/{self.protocol_name}", table)
             self._protocol_logged = True

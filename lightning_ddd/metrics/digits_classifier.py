@@ -7,7 +7,7 @@ With no ``weights_path`` it trains itself once into ``DEFAULT_WEIGHTS_PATH`` and
 
 Feature scale. The raw penultimate ReLU layer is a poor FID space: a cross-entropy classifier grows its
 activations (per-unit variance about 30 on real digits) and about half of the 128 units never fire on a
-digit (dead ReLUs), so FID came out about 30-70x an independent digit classifier's. The ``features`` are
+digit (dead ReLUs), so FID came out 12-68x an independent digit classifier's. The ``features`` are
 therefore the live units only (those with non-zero variance over the training images) divided by one
 constant, chosen so that the mean per-feature variance over the training images is 1. One constant rather
 than a per-unit z-score keeps the classifier's geometry (which units vary most); the live units are all
