@@ -1,9 +1,11 @@
 """Few-step quality of distilled students against their teacher, on the synthetic Markov data.
 
 The data's exact likelihood is known, so the quality of samples is measured exactly: ``oracle_nll`` is
--log p_data(sample) per token (lower = samples the true chain finds more likely) and ``entropy`` is the
-mean per-sample unigram entropy (it falls when samples collapse). A perfect sampler scores the data's own
-values, printed as the ``data`` row.
+-log p_data(sample) per token (lower = samples the true chain finds more likely), ``entropy`` is the
+mean per-sample unigram entropy (it falls when samples collapse), and the first-token, per-position
+marginal and transition KLs compare the samples' smoothed counts with the chain's exact laws (they rise
+when a sampler over-sharpens or gets positions wrong; ``lightning_ddd.metrics.markov``). A perfect sampler
+scores the data's own values, printed as the ``data`` row (as many real sequences as samples).
 
     python benchmarks/distillation.py --students di4c dmmd --out benchmarks/results/distillation
 
@@ -17,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-
-import torch
 
 from lightning_ddd.cli import main
 
@@ -40,24 +40,24 @@ def evaluate(config: str, ckpt: str, steps: list[int], args, out: str, extra: li
         return json.load(f)
 
 
-def data_row(config: str, num_samples: int) -> dict:
+def data_row(config: str, num_samples: int, seed: int) -> dict:
     """The scores of real data sequences: what a perfect sampler would reach."""
-    from lightning_ddd.evaluation import sample_metrics
+    from lightning_ddd.evaluation import MetricOptions, SampleScorer, data_row
 
     cli = main(["fit", "-c", config, "--trainer.max_steps", "0", "--trainer.logger", "false",
                 "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"])
     dm = cli.datamodule
-    dm.setup("validate")
-    tokens = torch.stack([dm.val_set[i] for i in range(min(num_samples, len(dm.val_set)))])
-    return {"model": "data", "steps": "-", "exact_entropy": dm.exact_entropy() / dm.seq_len,
-            **sample_metrics(tokens, dm, dm.vocab_size)}
+    return {**data_row(SampleScorer(MetricOptions(), dm, dm.vocab_size), num_samples, seed), "model": "data",
+            "steps": "-", "exact_entropy": dm.exact_entropy() / dm.seq_len}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | steps | oracle NLL / token | sample entropy | mean NFE |", "|---|---|---|---|---|"]
+    lines = ["| model | steps | oracle NLL / token | sample entropy | first-token KL | marginal KL | transition KL "
+             "| mean NFE |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nfe = f"{r['mean_nfe']:.1f}" if "mean_nfe" in r else "-"
-        lines.append(f"| {r['model']} | {r['steps']} | {r['oracle_nll']:.4f} | {r['entropy']:.4f} | {nfe} |")
+        kls = " | ".join(f"{r[k]:.4f}" for k in ("first_token_kl", "marginal_kl", "transition_kl"))
+        lines.append(f"| {r['model']} | {r['steps']} | {r['oracle_nll']:.4f} | {r['entropy']:.4f} | {kls} | {nfe} |")
     return "\n".join(lines)
 
 
@@ -77,15 +77,15 @@ def run(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     teacher = args.teacher_ckpt or fit(TEACHER_CONFIG, os.path.join(args.out, "teacher"), [])
-    rows = [data_row(TEACHER_CONFIG, args.num_samples)]
+    rows = [data_row(TEACHER_CONFIG, args.num_samples, args.seed)]
     for r in evaluate(TEACHER_CONFIG, teacher, args.teacher_steps, args, os.path.join(args.out, "eval_teacher"), []):
-        rows.append({**r, "model": "teacher"})
+        rows += [{**r, "model": "teacher"}] if r["model_class"] != "data" else []  # the floor is rows[0]
     for name in args.students:
         config = f"configs/quickstart/{name}.yaml"
         link = ["--model.init_args.teacher_ckpt", teacher]
         ckpt = fit(config, os.path.join(args.out, name), link + args.student_args)
         for r in evaluate(config, ckpt, args.student_steps, args, os.path.join(args.out, f"eval_{name}"), link):
-            rows.append({**r, "model": name})
+            rows += [{**r, "model": name}] if r["model_class"] != "data" else []
     table = markdown(rows)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_ddd.evaluation import MetricOptions, SampleScorer, SamplingSettings, generate
+from lightning_ddd.evaluation import MetricOptions, SampleScorer, SamplingSettings, data_row, generate
 
 from callbacks._logging import log_markdown, log_scalars, warn_without_tensorboard
 from callbacks._sampling import check_strategy, sampling_context
@@ -103,8 +103,9 @@ class ScheduledSampling(Callback):
 class SampleMetricsLogger(ScheduledSampling):
     """Base class of the loggers of ``sample/<metric>``: one set of samples per evaluation, scored once, so
     ``sample/fid`` or ``sample/gen_ppl`` always sits next to ``sample/entropy`` of the same samples. The
-    sampling settings and the evaluator are written once as text (``sample/protocol/<name>``), so a number is
-    never separated from the protocol that produced it.
+    sampling settings, the evaluator and the same metrics on as many real sequences (``data_<metric>``, the
+    floor, from ``lightning_ddd.evaluation.data_row``) are written once as text (``sample/protocol/<name>``),
+    so a number is never separated from the protocol that produced it.
     """
 
     protocol_name = "metrics"
@@ -120,7 +121,9 @@ class SampleMetricsLogger(ScheduledSampling):
         tokens, _, _ = generate(pl_module, self.settings)  # (N, D)
         log_scalars(trainer, {f"sample/{name}": value for name, value in self.score(tokens).items()})
         if not self._protocol_logged:
-            record = {**asdict(self.settings), "sampler": self.settings.sampler, **self.scorer.record}
+            floor = data_row(self.scorer, self.settings.num_samples, self.settings.seed)  # real data, same N
+            floor = {f"data_{k}": v for k, v in floor.items() if k not in self.scorer.record and k != "model_class"}
+            record = {**asdict(self.settings), "sampler": self.settings.sampler, **self.scorer.record, **floor}
             table = "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in record.items())
             log_markdown(trainer, f"sample/protocol/{self.protocol_name}", table)
             self._protocol_logged = True

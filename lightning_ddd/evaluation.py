@@ -90,11 +90,13 @@ def generate(model: DiffusionModule, settings: SamplingSettings, progress: bool 
 
 
 def sample_metrics(tokens: Tensor, datamodule: TokenDataModule | None, vocab_size: int) -> dict[str, float]:
-    """Metrics of samples that need no extra model: unigram entropy, and the exact oracle NLL when the data has one."""
+    """Metrics of samples that need no extra model: unigram entropy, and where the data's law is known the exact
+    oracle NLL and the data's ``sample_statistics`` (e.g. marginal and transition KL of a Markov chain)."""
     metrics = {"entropy": unigram_entropy(tokens, vocab_size).mean().item()}
     oracle = datamodule.oracle_log_likelihood(tokens) if datamodule is not None else None
     if oracle is not None:
         metrics["oracle_nll"] = (-oracle.double().mean() / tokens.shape[1]).item()
+    metrics.update(datamodule.sample_statistics(tokens) if datamodule is not None else {})
     return metrics
 
 
@@ -109,12 +111,12 @@ class MetricOptions:
         gradient_moment: also the D-MMD gradient moment under the evaluator (a torch model), against as many
             validation sequences as there are samples.
         gradient_moment_params: regular expression selecting the evaluator parameters it uses (None: all).
-        fid: FID of the decoded samples against the training images (image data only).
+        fid: FID of the decoded samples against the held-out (validation) images (image data only).
         isc: Inception Score of the decoded samples.
-        kid: KID against the training images.
+        kid: KID against the held-out (validation) images.
         fid_extractor: torch-fidelity feature extractor: ``inception-v3-compat`` or the offline ``digits-cnn``.
         fid_weights_path: local weights of the extractor (None: its default, which may download).
-        fid_reference_size: training images in the reference statistics (None: all).
+        fid_reference_size: validation images in the reference statistics (None: all).
         cache_dir: folder of the cached reference statistics.
     """
 
@@ -177,7 +179,7 @@ class SampleScorer:
             if options.fid or options.kid:
                 reference = dataset_reference(datamodule, options.fid_extractor, options.fid_weights_path,
                                               options.cache_dir, options.fid_reference_size, keep_features=options.kid)
-                self.record["fid_reference_images"] = reference.num
+                self.record["fid_reference_images"], self.record["fid_reference_split"] = reference.num, reference.split
             self.fidelity = ImageFidelity(reference, options.fid_extractor, options.fid_weights_path,
                                           isc=options.isc, kid=options.kid).to(device)
             self.record["fid_extractor"] = options.fid_extractor
@@ -207,6 +209,30 @@ class SampleScorer:
             for chunk in samples.split(batch):
                 self.moment.update(chunk, source)
         return self.moment.compute().item()
+
+
+def data_row(scorer: SampleScorer, num_samples: int, seed: int = 0) -> dict:
+    """The scorer's metrics on ``num_samples`` real sequences: the floor a perfect sampler reaches at this N.
+
+    Small-sample metrics are biased (FID, smoothed KLs, entropy), so a sample figure is read against this
+    row. The sequences must lie outside every reference: the validation split, or the training split when
+    FID/KID statistics or the gradient moment's data come from the validation split, or when the validation
+    split holds fewer than N sequences and the training split more. A seeded random subset of the split
+    (all of it, and fewer rows, when it is smaller than N).
+    """
+    data = scorer.datamodule
+    data.setup("fit")
+    reference_uses_val = scorer.moment is not None or (
+        scorer.fidelity is not None and getattr(scorer.fidelity.reference, "split", None) == "val")
+    too_small = len(data.val_set) < num_samples < len(data.train_set)
+    split = "train" if reference_uses_val or too_small else "val"
+    dataset = getattr(data, f"{split}_set")
+    if getattr(dataset, "tokens", None) is not None and len(dataset) > num_samples:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples]
+        tokens = dataset.tokens[order.sort().values].long()  # (N, D)
+    else:
+        tokens = dataset_tokens(dataset, num_samples)
+    return {"model_class": "data", "data_split": split, "num_samples": len(tokens), **scorer.record, **scorer(tokens)}
 
 
 def dataset_tokens(dataset, limit: int | None = None) -> Tensor:

@@ -18,6 +18,7 @@ from lightning_ddd.evaluation import (
     MetricOptions,
     SampleScorer,
     SamplingSettings,
+    data_row,
     generate,
     likelihood_bound,
     sample_metrics,
@@ -168,7 +169,7 @@ class DDDTrainer(Trainer):
         model = self._prepare(model, ckpt_path)
         scorer = SampleScorer(options, datamodule, model.vocab_size, self.strategy.root_device)  # loads models once
         bound = likelihood_bound(model, datamodule, nll_num_draws, nll_max_batches, seed) if datamodule else {}
-        rows = []
+        rows = [data_row(scorer, num_samples, seed)] if datamodule is not None else []  # the real-data floor
         for settings in tqdm(grid, desc="evaluate"):
             tokens, nfe, seconds = generate(model, settings)
             rows.append({**settings_record(model, settings, ckpt_path), **scorer.record,

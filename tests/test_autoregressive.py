@@ -94,8 +94,10 @@ def test_evaluator_rejects_a_checkpoint_of_another_kind(tmp_path):
 def test_evaluate_uses_the_ar_evaluator_and_the_ar_model_samples(ckpt, tmp_path):
     main(["evaluate", "-c", TINY_TEACHER, "--steps", "[2]", "--num_samples", "8", "--evaluator", ckpt,
           "--gradient_moment", "true", "--output_dir", str(tmp_path / "eval")])
-    (row,) = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    data, row = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert row["evaluator"] == ckpt and row["gen_ppl"] > 1.0 and "grad_moment" in row
+    # the floor: training sequences, since the gradient moment's own data are validation sequences
+    assert data["data_split"] == "train" and data["gen_ppl"] > 1.0 and "grad_moment" in data
     # the AR model is a left-to-right baseline for the same subcommands
     main(["sample", "-c", TINY_AR, "--ckpt_path", ckpt, "--num_samples", "4", "--output_dir", str(tmp_path / "s")])
     assert torch.load(tmp_path / "s" / "tokens.pt").shape == (4, 8)

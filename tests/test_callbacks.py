@@ -151,6 +151,7 @@ def test_image_run_logs_a_grid_and_fid(tmp_path):
     ((step, width, height),) = ev.images["sample/images"]
     assert step == 2 and width > 8 * 3 and height > 8 * 3  # a 3x3 grid of upscaled 8x8 digits
     assert "sample/entropy" in ev.scalars and "| fid_extractor | digits-cnn |" in ev.texts["sample/protocol/fid"][0][1]
+    assert "| data_fid |" in ev.texts["sample/protocol/fid"][0][1]  # the real-data floor, same N
     tokens, _, _ = generate(cli.model, SamplingSettings(steps=4, num_samples=16))
     options = MetricOptions(fid=True, fid_extractor="digits-cnn", fid_weights_path=weights, fid_reference_size=64,
                             cache_dir=str(tmp_path / "fid"))

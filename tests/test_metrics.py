@@ -16,7 +16,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from lightning_ddd.cli import main
 from lightning_ddd.data import Digits, MarkovChain
-from lightning_ddd.evaluation import MetricOptions, SampleScorer
+from lightning_ddd.evaluation import MetricOptions, SampleScorer, data_row, sample_metrics
 from lightning_ddd.metrics import (
     GenerativePerplexity,
     GradientMoment,
@@ -29,6 +29,8 @@ from lightning_ddd.metrics import (
     frechet_distance,
 )
 from lightning_ddd.metrics import fid as fid_module
+from lightning_ddd.metrics.digits_classifier import preprocess
+from lightning_ddd.metrics.images import to_uint8_rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny_teacher.yaml")
@@ -151,25 +153,84 @@ def digits_cnn(tmp_path_factory):
     return path
 
 
-def test_digits_fid_is_zero_on_the_training_set_and_cached_on_disk(digits_cnn, tmp_path, monkeypatch):
+def test_digits_fid_reference_is_the_held_out_split_and_cached_on_disk(digits_cnn, tmp_path, monkeypatch):
     data = Digits()
     ref = dataset_reference(data, "digits-cnn", digits_cnn, cache_dir=str(tmp_path))
-    assert ref.num == len(data.train_set) and len(list(tmp_path.glob("*.pt"))) == 1
+    assert (ref.num, ref.split) == (len(data.val_set), "val") and len(list(tmp_path.glob("*.pt"))) == 1
     monkeypatch.setattr(fid_module, "get_feature_extractor", None)  # a cache hit must not run the extractor
     again = dataset_reference(data, "digits-cnn", digits_cnn, cache_dir=str(tmp_path))
-    assert torch.equal(again.mu, ref.mu) and torch.equal(again.sigma, ref.sigma)
+    assert torch.equal(again.mu, ref.mu) and torch.equal(again.sigma, ref.sigma) and again.split == "val"
     monkeypatch.undo()
 
     metric = ImageFidelity(ref, "digits-cnn", digits_cnn)
-    metric.update(data.decode(data.train_set.tokens))
+    metric.update(data.decode(data.val_set.tokens))
     assert metric.compute()["fid"].item() == pytest.approx(0.0, abs=1e-6)  # same images, same statistics
     metric.reset()
-    metric.update(data.decode(data.val_set.tokens))
-    fid_val = metric.compute()["fid"].item()
+    metric.update(data.decode(data.train_set.tokens[: len(data.val_set)]))
+    fid_train = metric.compute()["fid"].item()
     metric.reset()
     noise = torch.randint(0, 17, data.val_set.tokens.shape, generator=torch.Generator().manual_seed(0))
     metric.update(data.decode(noise))
-    assert 0 < fid_val < metric.compute()["fid"].item()  # held-out digits are far closer than noise
+    assert 0 < fid_train < metric.compute()["fid"].item()  # digits outside the reference are far closer than noise
+    train_ref = dataset_reference(data, "digits-cnn", digits_cnn, cache_dir=str(tmp_path), split="train")
+    assert (train_ref.num, train_ref.split) == (len(data.train_set), "train")
+    with pytest.raises(ValueError, match="reference split 'test'"):
+        dataset_reference(data, "digits-cnn", digits_cnn, cache_dir=str(tmp_path), split="test")
+
+
+def test_digits_cnn_features_have_no_dead_units_unit_scale_and_a_readable_fid(digits_cnn, tmp_path):
+    from lightning_ddd.metrics.digits_classifier import FeatureExtractorDigits
+
+    data = Digits()
+    data.setup()
+    extractor = FeatureExtractorDigits("digits-cnn", ["features"], digits_cnn)
+
+    def features(tokens, net=extractor):
+        return net(to_uint8_rgb(data.decode(tokens)))[0].double()
+
+    raw = extractor.net(preprocess(to_uint8_rgb(data.decode(data.train_set.tokens))))[0].double()  # (N, 128)
+    assert extractor.feature_index.tolist() == (raw.var(0) > 0).nonzero().squeeze(1).tolist()  # every live unit
+    train, val = features(data.train_set.tokens), features(data.val_set.tokens)
+    assert train.shape[1] == len(extractor.feature_index) and (train.var(0) > 0).all()  # no dead unit is used
+    assert train.var(0).mean().item() == pytest.approx(1.0, rel=1e-4)  # fitted on the training split
+    assert 0.5 < val.var(0).mean().item() < 2.0  # and held-out digits land on the same scale
+
+    def fid(a, b):
+        return frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    half = len(train) // 2
+    noise = torch.randint(0, 17, (half, 64), generator=torch.Generator().manual_seed(1))
+    real_real, real_noise = fid(train[order[:half]], train[order[half:]]), fid(train[order[:half]], features(noise))
+    assert real_real < 0.05 * real_noise  # two halves of the real digits: small next to real vs noise
+    assert 2.0 < real_noise < 500.0  # unit-variance features: noise is tens of units away, not thousands
+
+    # Bare weights (no normalisation stored) get the same normalisation fitted on load.
+    saved = torch.load(digits_cnn, weights_only=True)
+    bare = str(tmp_path / "bare.pt")
+    torch.save({"state_dict": saved["state_dict"], "width": saved["width"]}, bare)
+    again = FeatureExtractorDigits("digits-cnn", ["features"], bare)
+    assert torch.equal(again.feature_index, extractor.feature_index)
+    torch.testing.assert_close(features(data.val_set.tokens, again), val)
+
+
+def test_data_row_scores_real_sequences_outside_every_reference(digits_cnn, tmp_path):
+    chain = MarkovChain(vocab_size=3, seq_len=5, num_train=64, num_val=40, batch_size=8)
+    scorer = SampleScorer(MetricOptions(), chain, chain.vocab_size)
+    row = data_row(scorer, 16, seed=3)
+    chain.setup()
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:16].sort().values
+    assert row == {"model_class": "data", "data_split": "val", "num_samples": 16,
+                   **sample_metrics(chain.val_set.tokens[order], chain, 3)}
+    assert (data_row(scorer, 50)["data_split"], data_row(scorer, 50)["num_samples"]) == ("train", 50)  # val too small
+    assert data_row(scorer, 100)["num_samples"] == 40  # both too small: all of the validation split
+
+    digits = Digits()
+    options = MetricOptions(fid=True, fid_extractor="digits-cnn", fid_weights_path=digits_cnn, cache_dir=str(tmp_path))
+    scorer = SampleScorer(options, digits, digits.vocab_size)
+    row = data_row(scorer, 100)
+    assert row["data_split"] == "train" and row["fid_reference_split"] == "val"  # never the reference's images
+    assert row["num_samples"] == 100 and row["fid"] > 0
 
 
 def test_sample_scorer_adds_fid_and_inception_score_on_digits(digits_cnn, tmp_path):
@@ -180,7 +241,8 @@ def test_sample_scorer_adds_fid_and_inception_score_on_digits(digits_cnn, tmp_pa
     scorer = SampleScorer(options, data, data.vocab_size)
     row = scorer(data.val_set.tokens[:100])
     assert {"entropy", "fid", "isc_mean", "isc_std"} <= set(row)
-    assert scorer.record == {"fid_reference_images": len(data.train_set), "fid_extractor": "digits-cnn"}
+    assert scorer.record == {"fid_reference_images": len(data.val_set), "fid_reference_split": "val",
+                             "fid_extractor": "digits-cnn"}
     assert 1.0 < row["isc_mean"] <= 10.0  # between one class and all ten
 
 
@@ -266,9 +328,10 @@ def test_gpt2_perplexity_of_english_is_moderate():
 def test_evaluate_subcommand_reports_oracle_perplexity(tmp_path):
     main(["evaluate", "-c", TINY, "--steps", "[2]", "--num_samples", "8", "--evaluator", "oracle",
           "--output_dir", str(tmp_path)])
-    (row,) = json.loads((tmp_path / "evaluation.json").read_text())
-    assert row["evaluator"] == "oracle"
-    assert row["gen_nll"] == pytest.approx(row["oracle_nll"], rel=1e-9)  # both are the exact NLL per token
+    data, row = json.loads((tmp_path / "evaluation.json").read_text())
+    assert row["evaluator"] == data["evaluator"] == "oracle"
+    for r in (data, row):  # both are the exact NLL per token, on real sequences (the floor) and on samples
+        assert r["gen_nll"] == pytest.approx(r["oracle_nll"], rel=1e-9)
 
 
 # ---- gradient moment --------------------------------------------------------------------------------

@@ -43,12 +43,16 @@ def test_sample_writes_tokens_text_and_settings(ckpt, tmp_path):
 def test_evaluate_writes_one_row_per_setting(ckpt, tmp_path):
     main(["evaluate", "-c", TINY, "--ckpt_path", ckpt, "--steps", "[1, 4]", "--temperatures", "[1.0, 0.5]",
           "--num_samples", "32", "--cache", "true", "--output_dir", str(tmp_path)])
-    rows = json.loads((tmp_path / "evaluation.json").read_text())
+    data, *rows = json.loads((tmp_path / "evaluation.json").read_text())
     with open(tmp_path / "evaluation.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert len(list(csv.DictReader(f))) == 5
+    # first the floor: the same metrics on as many held-out sequences as each setting has samples
+    assert (data["model_class"], data["data_split"], data["num_samples"]) == ("data", "val", 32)
+    assert {"entropy", "oracle_nll", "first_token_kl", "marginal_kl", "transition_kl"} <= set(data)
     assert [(r["steps"], r["temperature"]) for r in rows] == [(1, 1.0), (1, 0.5), (4, 1.0), (4, 0.5)]
     required = ["checkpoint", "model_class", "steps", "sampler", "temperature", "top_p", "precision", "seed",
-                "num_samples", "mean_nfe", "seconds_per_sample", "nll", "ppl", "bpd", "entropy", "oracle_nll"]
+                "num_samples", "mean_nfe", "seconds_per_sample", "nll", "ppl", "bpd", "entropy", "oracle_nll",
+                "first_token_kl", "marginal_kl", "transition_kl"]
     for row in rows:
         assert all(key in row for key in required), set(required) - set(row)
         assert row["sampler"] == "caching" and 1 <= row["mean_nfe"] <= row["steps"]

@@ -101,6 +101,14 @@ class TokenDataModule(pl.LightningDataModule, ABC):
         """Exact log p_data of (N, D) sequences, shape (N,), or None when the data has no known density."""
         return None
 
+    def sample_statistics(self, tokens: Tensor) -> dict[str, float]:
+        """Figures that compare (N, D) samples with the data's known structure (e.g. per-position marginal KL).
+
+        Empty unless the data's law is known; ``lightning_ddd.evaluation.sample_metrics`` reports them next
+        to the oracle NLL, and on real sequences they give the floor a perfect sampler reaches at the same N.
+        """
+        return {}
+
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader.")

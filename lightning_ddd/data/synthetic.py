@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_ddd.data.base import TokenDataModule, TokenTensorDataset
+from lightning_ddd.metrics.markov import markov_statistics
 
 # Offset between the generator seeds of the train and val splits, so the two splits are independent
 # and each one does not change when the size of the other does.
@@ -133,6 +134,16 @@ class MarkovChain(TokenDataModule):
     def oracle_log_likelihood(self, tokens: Tensor) -> Tensor:
         """Same as ``log_likelihood``: the data density is known exactly."""
         return self.log_likelihood(tokens)
+
+    def sample_statistics(self, tokens: Tensor) -> dict[str, float]:
+        """KL of the exact per-position marginals and pair law from the samples' smoothed counts.
+
+        ``first_token_kl``, ``marginal_kl`` and ``transition_kl`` (add-1/2 smoothing), defined in
+        :mod:`lightning_ddd.metrics.markov`.
+        """
+        if tokens.dim() != 2 or tokens.shape[1] != self.seq_len:
+            raise ValueError(f"expected (N, {self.seq_len}) tokens, got {tuple(tokens.shape)}")
+        return markov_statistics(tokens, self.initial, self.transition)
 
     def exact_entropy(self) -> float:
         """Exact entropy H(X_1, ..., X_D) in nats of a whole sequence.

@@ -2,8 +2,17 @@
 
 Inception-v3 needs a download and was trained on photographs, not 8x8 grey digits; this network trains in
 seconds on the CPU from data that ships with scikit-learn. Importing this module registers it with
-torch-fidelity as ``digits-cnn`` (features: ``features`` (N, 128) for FID/KID, ``logits`` (N, 10) for IS).
+torch-fidelity as ``digits-cnn`` (features: ``features`` (N, F) for FID/KID, ``logits`` (N, 10) for IS).
 With no ``weights_path`` it trains itself once into ``DEFAULT_WEIGHTS_PATH`` and reuses that file.
+
+Feature scale. The raw penultimate ReLU layer is a poor FID space: a cross-entropy classifier grows its
+activations (per-unit variance about 30 on real digits) and about half of the 128 units never fire on a
+digit (dead ReLUs), so FID came out 12-68x an independent digit classifier's. The ``features`` are
+therefore the live units only (those with non-zero variance over the training images) divided by one
+constant, chosen so that the mean per-feature variance over the training images is 1. One constant rather
+than a per-unit z-score keeps the classifier's geometry (which units vary most); the live units are all
+active on a large share of the digits, so the two give nearly the same FID. Both are fitted once, after
+training, on the training split, and stored with the weights.
 
 Train it explicitly with ``python -m lightning_ddd.metrics.digits_classifier [path] [epochs]``.
 """
@@ -21,7 +30,7 @@ from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from lightning_ddd.metrics.fid import to_uint8_rgb
+from lightning_ddd.metrics.images import to_uint8_rgb
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,22 @@ def preprocess(images: Tensor) -> Tensor:
     return x if x.shape[-2:] == (_SIDE, _SIDE) else F.interpolate(x, size=(_SIDE, _SIDE), mode="area")
 
 
+def feature_normalisation(net: DigitsCNN, images: Tensor) -> tuple[Tensor, float]:
+    """The live units of ``net``'s features on (N, 1, 8, 8) ``images`` and the scale that gives them mean variance 1.
+
+    Returns:
+        index: (F,) long, units whose activation varies over the images (a dead ReLU is constant at 0).
+        scale: sqrt of the mean variance of those units.
+    """
+    with torch.no_grad():
+        features = net(images)[0].double()  # (N, 128)
+    variance = features.var(0)  # (128,)
+    index = (variance > 0).nonzero().squeeze(1)
+    if len(index) == 0:
+        raise ValueError("digits-cnn: every feature unit is dead on the training images; retrain the classifier.")
+    return index, variance[index].mean().sqrt().item()
+
+
 def _digits(val_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(train images, train labels, val images, val labels), split by the same rule as ``Digits``."""
     from sklearn.datasets import load_digits
@@ -83,10 +108,12 @@ def train_digits_classifier(
     val_fraction: float = 0.1,
     width: int = 32,
 ) -> float:
-    """Train ``DigitsCNN`` on the Digits training split, save it to ``path``, return validation accuracy.
+    """Train ``DigitsCNN`` on the Digits training split, fit the feature normalisation (module doc) on that
+    split, save both to ``path`` and return the validation accuracy.
 
     Args:
-        path: where to write the weights (a dict with ``state_dict``, ``width`` and ``val_accuracy``).
+        path: where to write the weights (a dict with ``state_dict``, ``width``, ``val_accuracy``,
+            ``feature_index`` and ``feature_scale``).
         epochs: passes over the training split.
         batch_size: images per step.
         lr: Adam learning rate.
@@ -106,16 +133,23 @@ def train_digits_classifier(
             opt.zero_grad()
             loss.backward()
             opt.step()
+    model.eval()
     with torch.no_grad():
         accuracy = (model(x_val)[1].argmax(-1) == y_val).float().mean().item()
+    index, scale = feature_normalisation(model, x)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "width": width, "val_accuracy": accuracy}, path + ".tmp")
+    torch.save({"state_dict": model.state_dict(), "width": width, "val_accuracy": accuracy,
+                "feature_index": index, "feature_scale": scale}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return accuracy
 
 
 class FeatureExtractorDigits(FeatureExtractorBase):
-    """torch-fidelity extractor ``digits-cnn``: (N, 3, H, W) uint8 -> (``features`` (N, 128), ``logits`` (N, 10)).
+    """torch-fidelity extractor ``digits-cnn``: (N, 3, H, W) uint8 -> (``features`` (N, F), ``logits`` (N, 10)).
+
+    ``features`` are the F live penultimate units, scaled to mean variance 1 on the training digits (module
+    doc). A weights file without the normalisation (an older one, or bare weights) gets it fitted on load
+    on the default Digits training split.
 
     Args:
         name: registered name (torch-fidelity passes it).
@@ -134,8 +168,14 @@ class FeatureExtractorDigits(FeatureExtractorBase):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         self.net = DigitsCNN(saved.get("width", 32))
         self.net.load_state_dict(saved["state_dict"])
-        self.requires_grad_(False)
         self.eval()
+        if "feature_index" in saved:
+            index, scale = saved["feature_index"], saved["feature_scale"]
+        else:
+            index, scale = feature_normalisation(self.net, _digits(0.1, 0)[0])
+        self.register_buffer("feature_index", index.long())
+        self.feature_scale = scale
+        self.requires_grad_(False)
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
@@ -154,8 +194,8 @@ class FeatureExtractorDigits(FeatureExtractorBase):
         return torch.zeros(1, 3, _SIDE, _SIDE, dtype=torch.uint8)
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        features, logits = self.net(preprocess(images))
-        out = {"features": features, "logits": logits}
+        features, logits = self.net(preprocess(images))  # (N, 128), (N, 10)
+        out = {"features": features[:, self.feature_index] / self.feature_scale, "logits": logits}  # (N, F)
         return tuple(out[name] for name in self.features_list)
 
 

@@ -1,8 +1,11 @@
 """FID, Inception Score and KID of generated images through torch-fidelity's feature extractors and formulas.
 
 ``ImageFidelity`` keeps sums of features and of their outer products (summed states, so FID is exact under
-DDP without gathering features) and compares them against reference statistics of the training set,
+DDP without gathering features) and compares them against reference statistics of held-out images (the
+DataModule's validation split by default, never trained on, so memorising the training set earns nothing),
 which ``dataset_reference`` computes once and caches on disk under a hash of the data and the extractor.
+FID is biased upwards at small sample counts; ``lightning_ddd.evaluation.data_row`` scores as many real
+images from outside the reference, the floor every FID is read against.
 Feature extractors are loaded once per process and live outside every module tree, so they are never
 saved in a checkpoint nor copied by EMA.
 
@@ -23,9 +26,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_ddd.metrics.images import to_uint8_rgb
+
 DEFAULT_EXTRACTOR = "inception-v3-compat"
 # Bump when what a cached reference file holds, or how it is computed, changes.
-_REFERENCE_VERSION = 1
+_REFERENCE_VERSION = 2  # 2: held-out split by default, digits-cnn features normalised
 # Extractors are process-wide: keyed by (name, features, weights_path); a metric holds only the key.
 _EXTRACTORS: dict[tuple, object] = {}
 _FEATURE_DIMS: dict[tuple, dict[str, int]] = {}
@@ -66,15 +71,6 @@ def get_feature_extractor(name: str, features: tuple[str, ...], weights_path: st
     return _EXTRACTORS[key]
 
 
-def to_uint8_rgb(images: Tensor) -> Tensor:
-    """(N, 1 or 3, H, W) floats in [0, 1] or uint8 -> (N, 3, H, W) uint8, torch-fidelity's input format."""
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images of shape (N, 1 or 3, H, W), got {tuple(images.shape)}.")
-    if images.dtype != torch.uint8:
-        images = (images.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-
 @torch.no_grad()
 def extract_features(images: Tensor, extractor, batch_size: int = 64) -> dict[str, Tensor]:
     """Run ``extractor`` over (N, C, H, W) images in batches on its device: {feature name: (N, F) fp32 CPU}."""
@@ -90,19 +86,21 @@ def extract_features(images: Tensor, extractor, batch_size: int = 64) -> dict[st
 
 @dataclass
 class ReferenceStats:
-    """Feature statistics of the reference (training) images.
+    """Feature statistics of the reference images.
 
     Attributes:
         mu: (F,) float64 mean.
         sigma: (F, F) float64 covariance (unbiased, as numpy's ``cov``).
         num: number of reference images.
         features: (num, F) fp32 features, kept only when KID needs them.
+        split: the DataModule split the images came from (None when built from features directly).
     """
 
     mu: Tensor
     sigma: Tensor
     num: int
     features: Tensor | None = None
+    split: str | None = None
 
     @classmethod
     def from_features(cls, features: Tensor, keep_features: bool = False) -> "ReferenceStats":
@@ -135,25 +133,32 @@ def dataset_reference(
     max_images: int | None = None,
     keep_features: bool = False,
     batch_size: int = 64,
+    split: str = "val",
 ) -> ReferenceStats:
-    """Reference statistics of an image DataModule's training set, read from ``cache_dir`` when cached.
+    """Reference statistics of one split of an image DataModule, read from ``cache_dir`` when cached.
 
-    The cache file is named by a hash of the training tokens, the DataModule class, the extractor, its
-    feature layer and weights file, ``max_images`` and ``keep_features``, so any change recomputes it.
+    The default is the held-out validation split (Digits: the 10% ``val_fraction``; CIFAR-10: the 10,000
+    test images). The cache file is named by a hash of the split's tokens, the DataModule class, the
+    extractor, its feature layer and weights file, ``max_images`` and ``keep_features``, so any change
+    recomputes it.
 
     Args:
         datamodule: a DataModule with ``modality == "image"`` (its ``decode`` gives images).
         feature_extractor: torch-fidelity extractor name.
         weights_path: local weights of the extractor (None: its default, possibly a download).
         cache_dir: folder of the cached statistics.
-        max_images: use the first this many training images (None: all; the field uses all 50k for CIFAR-10).
+        max_images: use the first this many images of the split (None: all).
         keep_features: also keep the features themselves (KID needs them).
         batch_size: images per extractor call.
+        split: ``"val"`` (held out, the default) or ``"train"`` (the convention of CIFAR-10 papers, which
+            rewards memorising the training set).
     """
     if getattr(datamodule, "modality", None) != "image":
         raise ValueError(f"FID needs image data; {type(datamodule).__name__} holds {datamodule.modality} data.")
+    if split not in ("train", "val"):
+        raise ValueError(f"reference split '{split}' is not one of 'train', 'val'; use 'val' (held out).")
     datamodule.setup("fit")
-    dataset = datamodule.train_set
+    dataset = getattr(datamodule, f"{split}_set")
     tokens = getattr(dataset, "tokens", None)
     if tokens is None:
         tokens = torch.stack([dataset[i] for i in range(len(dataset))])
@@ -162,6 +167,7 @@ def dataset_reference(
     key = {
         "version": _REFERENCE_VERSION,
         "data": type(datamodule).__name__,
+        "split": split,
         "tokens": hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest(),
         "shape": list(tokens.shape),
         "extractor": feature_extractor,
@@ -172,13 +178,14 @@ def dataset_reference(
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"{type(datamodule).__name__}-{feature_extractor}-{digest}.pt")
     if os.path.isfile(path):
-        return ReferenceStats(**torch.load(path, weights_only=True))
+        return ReferenceStats(**torch.load(path, weights_only=True), split=split)
     extractor = get_feature_extractor(feature_extractor, (layer,), weights_path)
     feats = [
         extract_features(datamodule.decode(tokens[i : i + batch_size].long()), extractor, batch_size)[layer]
         for i in range(0, len(tokens), batch_size)
     ]
     ref = ReferenceStats.from_features(torch.cat(feats), keep_features)
+    ref.split = split
     os.makedirs(cache_dir, exist_ok=True)
     # Temporary file + rename: a concurrent reader never sees half a file.
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
