@@ -54,9 +54,10 @@ def write_mdlm(folder, model: DiT, fmt: str = "bin", remote_code: bool = False) 
         "architectures": ["MDLM"], "model_type": "mdlm", "vocab_size": c.num_embeddings, "model_length": c.length,
         "hidden_dim": c.hidden_size, "cond_dim": c.cond_dim, "n_blocks": c.n_blocks, "n_heads": c.n_heads,
         "dropout": c.dropout, "time_conditioning": c.time_input != "none",
-        "auto_map": {"AutoConfig": "configuration_refmdlm.RefMDLMConfig",
-                     "AutoModelForMaskedLM": "modeling_refmdlm.RefMDLM"},
     }
+    if remote_code:  # as on the hub, where config.json maps the Auto classes to the repository's own code
+        config["auto_map"] = {"AutoConfig": "configuration_refmdlm.RefMDLMConfig",
+                              "AutoModelForMaskedLM": "modeling_refmdlm.RefMDLM"}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
     save_weights(release_state_dict(model, "backbone."), str(folder), fmt)

@@ -54,19 +54,21 @@ class HFMaskedLM(EmbeddingConditioning, nn.Module):
         self.time_input = time_input
         self.time_conditioning = time_conditioning and time_input != "none"
         self.noise_eps = noise_eps
-        self.d_model = int(self.embedding_weight.shape[1])
+        embeddings = input_embeddings(model)
+        self.d_model = int(embeddings.weight.shape[1]) if embeddings is not None else 0
         self.cond_proj: nn.Sequential | None = None
         self.cond_dim = 0
 
     @property
     def embedding_weight(self) -> Tensor:
-        return self.model.get_input_embeddings().weight
+        return input_embeddings(self.model).weight
 
     def add_cond_input(self, cond_dim: int) -> None:
-        if "inputs_embeds" not in inspect.signature(self.model.forward).parameters:
+        if "inputs_embeds" not in inspect.signature(self.model.forward).parameters or not self.d_model:
             raise ReleasedModelError(
-                f"{type(self.model).__name__}.forward takes no inputs_embeds, so a conditioning input cannot be added "
-                "at its embeddings; use a release the project rebuilds natively (MDLM, SEDD)."
+                f"{type(self.model).__name__} takes no inputs_embeds (or exposes no input embeddings), so a "
+                "conditioning input cannot be added at its embeddings; use a release the project rebuilds natively "
+                "(MDLM, SEDD)."
             )
         super().add_cond_input(cond_dim)
 
@@ -91,7 +93,7 @@ class HFMaskedLM(EmbeddingConditioning, nn.Module):
         if cond is None:
             out = self.model(input_ids=ids, **kwargs)
         else:
-            embeds = self.model.get_input_embeddings()(ids) + self.cond_term(cond, B, L)  # (B, L, d)
+            embeds = input_embeddings(self.model)(ids) + self.cond_term(cond, B, L)  # (B, L, d)
             out = self.model(inputs_embeds=embeds, **kwargs)
         logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
         if logits.dim() != 3 or logits.shape[-1] < self.vocab_size:
@@ -105,6 +107,15 @@ class HFMaskedLM(EmbeddingConditioning, nn.Module):
 
 # ---------------------------------------------------------------------------------------------------
 # Loading
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The release's token embedding module, or None when its code does not expose one (MDLM's hub code)."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    return embeddings if isinstance(getattr(embeddings, "weight", None), Tensor) else None
 
 
 def auto_class(config: dict[str, Any], where: str, trust_remote_code: bool):

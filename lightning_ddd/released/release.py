@@ -23,6 +23,7 @@ from lightning_ddd.released.hf import (
     HFMaskedLM,
     TimeInput,
     auto_class,
+    input_embeddings,
     load_hf_model,
     model_max_length,
     resolve_time_input,
@@ -161,7 +162,7 @@ def _load_transformers(resolved: ResolvedSource, config: dict[str, Any], where: 
     auto_class(config, where, trust_remote_code)  # the remote-code refusal comes before anything is loaded
     if tokenizer is None and config.get("model_type") == "mdlm":
         tokenizer = GPT2  # MDLM's hub code ships without a tokenizer; its README loads GPT-2's
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    tok = load_tokenizer(tokenizer, trust_remote_code) if tokenizer is not None else None
     if mask_id is None:
         mask_id = config.get("mask_token_id")
     if mask_id is None and tok is not None:
@@ -174,7 +175,10 @@ def _load_transformers(resolved: ResolvedSource, config: dict[str, Any], where: 
             "or pass its mask id as mask_id."
         )
     model = load_hf_model(resolved.folder, config, where, trust_remote_code)
-    rows = int(model.get_input_embeddings().weight.shape[0])
+    embeddings = input_embeddings(model)
+    rows = int(embeddings.weight.shape[0]) if embeddings is not None else config.get("vocab_size")
+    if not isinstance(rows, int):
+        raise ReleasedModelError(f"'{where}' states no vocab_size and exposes no input embeddings; cannot size its vocabulary.")
     if not 0 <= mask_id < rows:
         raise ReleasedModelError(f"mask_id={mask_id} lies outside the release's {rows} embedding rows; fix mask_id.")
     if tok is not None:
@@ -190,14 +194,14 @@ def _load_transformers(resolved: ResolvedSource, config: dict[str, Any], where: 
     return Release(backbone, "transformers", tokenizer, int(mask_id), model_max_length(config), resolved)
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The ``transformers`` tokenizer ``name_or_path`` (a directory, or a hub name from the cache or the network)."""
     try:
         from transformers import AutoTokenizer
     except ImportError as err:
         raise ImportError("the release's tokenizer needs the 'transformers' package; pip install transformers") from err
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise ReleasedModelError(
             f"tokenizer '{name_or_path}' could not be loaded ({type(err).__name__}); {pre_download_hint(name_or_path)}."
