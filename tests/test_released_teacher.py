@@ -67,6 +67,14 @@ def test_evaluate_through_the_cli_records_the_release(release, tmp_path):
     assert row["nll"] > 0 and row["entropy"] >= 0 and row["steps"] == 2
 
 
+def test_help_explains_the_release_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(["validate", "--model.help", "ReleasedTeacher"])
+    out = capsys.readouterr().out
+    for text in ["--model.source", "trust_remote_code", "kuleshov-group/mdlm-owt", "HF_HUB_OFFLINE"]:
+        assert text in out, text
+
+
 def test_data_disagreements_fail_before_any_work(release, tmp_path):
     folder, corpus = release
     other = tmp_path / "other-tok"

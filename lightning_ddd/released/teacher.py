@@ -106,6 +106,7 @@ class ReleasedTeacher(DiffusionModule):
         self.identity: dict[str, Any] = dict(release.source.identity)
         self.source_label = release.source.label
         self.hparams["teacher_identity"] = self.identity
+        self.hparams["schedule"] = repr(self.process.schedule)  # MDLM and SEDD: LogLinearSchedule(eps=0.001)
         self.val_loss = val_loss if val_loss is not None else TimeDCE()
         self.val_loss.check_process(self.process)
         if self.val_loss.time_independent and backbone.time_conditioning:
