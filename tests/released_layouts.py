@@ -67,7 +67,8 @@ def write_mdlm(folder, model: DiT, fmt: str = "bin", remote_code: bool = False) 
     return str(folder)
 
 
-def write_sedd(folder, model: DiT, graph: str = "absorb", noise: str = "loglinear", fmt: str = "bin") -> str:
+def write_sedd(folder, model: DiT, graph: str = "absorb", noise: str = "loglinear", fmt: str = "bin",
+               nested: bool = False) -> str:
     """SEDD's hub layout (``PyTorchModelHubMixin``: the training config as config.json) for ``model``."""
     os.makedirs(folder, exist_ok=True)
     c = model.config
@@ -80,7 +81,7 @@ def write_sedd(folder, model: DiT, graph: str = "absorb", noise: str = "loglinea
                   "dropout": c.dropout},
     }
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
+        json.dump({"config": config} if nested else config, f)  # newer hub mixins nest the init argument
     save_weights(release_state_dict(model, ""), str(folder), fmt)
     return str(folder)
 

@@ -83,6 +83,8 @@ def test_sedd_layout_is_time_conditioned_and_its_scores_normalise_to_the_denoise
     masked = z == V
     torch.testing.assert_close(out[masked].double(), ref[masked], atol=2e-5, rtol=1e-5)
     assert not torch.allclose(teacher.denoise(z, torch.full((3,), 0.2)), teacher.denoise(z, torch.full((3,), 0.8)))
+    nested = ReleasedTeacher(write_sedd(tmp_path / "nested", original, nested=True))
+    torch.testing.assert_close(nested.denoise(z, t), out)
     with pytest.raises(ValueError, match="needs t"):
         teacher.backbone(z)
 

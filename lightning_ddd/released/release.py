@@ -127,6 +127,8 @@ def load_release(
         raise ReleasedModelError(f"loader={loader!r} must be 'auto', 'native' or 'transformers'.")
     resolved = resolve_source(source, revision, cache_dir, local_files_only, allow_code=trust_remote_code)
     config = read_config(resolved.folder)
+    if isinstance(config.get("config"), dict) and "graph" in config["config"]:
+        config = config["config"]  # newer PyTorchModelHubMixin versions nest the init argument ``config``
     kind = release_kind(config)
     if kind is None:
         raise ReleasedModelError(

@@ -114,14 +114,14 @@ def _snapshot(hub_id: str, revision: str | None, cache_dir: str | None, local_fi
             "(or pip install 'lightning_ddd[text]'), or pass a local directory"
         ) from err
     rev = f" (revision {revision})" if revision else ""
-    every_format = _patterns(SAFETENSORS + PYTORCH_BIN, allow_code)
-    try:  # the cache first: a downloaded model loads without the network
-        folder = huggingface_hub.snapshot_download(hub_id, revision=revision, cache_dir=cache_dir,
-                                                   local_files_only=True, allow_patterns=every_format)
-        if os.path.isfile(os.path.join(folder, CONFIG)):
+    for weights in (SAFETENSORS, PYTORCH_BIN):  # the cache first: a downloaded model loads without the network
+        try:
+            folder = huggingface_hub.snapshot_download(hub_id, revision=revision, cache_dir=cache_dir,
+                                                       local_files_only=True, allow_patterns=_patterns(weights, allow_code))
+        except Exception:  # not cached, or only partly: try the other format, then the download
+            continue
+        if os.path.isfile(os.path.join(folder, CONFIG)) and any(os.path.isfile(os.path.join(folder, w)) for w in weights):
             return _hub_identity(hub_id, folder)
-    except Exception:  # not cached (or partly): fall through to the download
-        pass
     offline = constants.HF_HUB_OFFLINE if local_files_only is None else local_files_only
     if offline:
         raise ReleasedModelError(

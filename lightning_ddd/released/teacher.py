@@ -9,10 +9,10 @@ becomes a frozen teacher with an ``identity`` to record.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_ddd.diffusion.likelihood import estimate_nll
@@ -173,6 +173,7 @@ class ReleasedTeacher(DiffusionModule):
         return super().train(False)  # frozen: dropout stays off even when a Trainer calls train()
 
 
+@functools.lru_cache(maxsize=8)
 def _fingerprint(name_or_path: str) -> str:
     """The project fingerprint of the release's tokenizer, loaded the way the data loads its own."""
     from lightning_ddd.data.tokenizers import HFTokenizer
