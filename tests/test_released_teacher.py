@@ -3,7 +3,6 @@ agreement checks before any work, and the teacher source a student will take (di
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -92,15 +91,22 @@ def test_data_disagreements_fail_before_any_work(release, tmp_path):
     assert not cache.exists() or not any(cache.rglob("*.pt"))  # nothing was tokenised
 
 
-def test_cli_error_is_one_line_not_a_traceback(release, tmp_path):
+def test_cli_error_is_one_line_not_a_traceback(release, tmp_path, monkeypatch):
+    """``python -m lightning_ddd`` (its ``run``, in process) ends a bad source in one line, unwrapped from the
+    argument parser's multi-line message."""
+    from huggingface_hub import constants
+
+    from lightning_ddd.__main__ import run
+
     folder, corpus = release
-    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     args = cli_args("acme/not-downloaded", corpus, tmp_path / "cache", tokenizer=folder)
-    proc = subprocess.run([sys.executable, "-m", "lightning_ddd", "validate", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert "acme/not-downloaded" in line and "hf download acme/not-downloaded" in line
+    monkeypatch.setattr(sys, "argv", ["lightning_ddd", "validate", *args, "--model.cache_dir", str(tmp_path / "hf")])
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    message = str(exit_.value.code)
+    assert message.startswith("error: hub model 'acme/not-downloaded'") and "\n" not in message
+    assert "hf download acme/not-downloaded" in message
 
 
 def test_teacher_sources_for_students(release, tmp_path):
