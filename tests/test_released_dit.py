@@ -103,6 +103,9 @@ def test_denoise_contract_and_bf16(tmp_path):
         low = teacher.denoise(z)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low[masked].exp(), out[masked].exp(), atol=0.05, rtol=0)
+    half = ReleasedTeacher(write_mdlm(tmp_path / "m16", random_dit(tiny_config()))).to(torch.bfloat16)  # bf16 weights
+    assert half.denoise(z).dtype == torch.float32
+    torch.testing.assert_close(half.denoise(z)[masked].exp(), out[masked].exp(), atol=0.05, rtol=0)
     with pytest.raises(ValueError, match="token ids must lie"):
         teacher.backbone(torch.full((1, 4), V + 1))
     with pytest.raises(ValueError, match="trained on 16"):

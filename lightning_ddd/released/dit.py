@@ -91,7 +91,8 @@ class FP32LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x.float(), (x.shape[-1],)) * self.weight.float()
+        # fp32 statistics; the result keeps the residual stream's dtype (fp32 under autocast, bf16 for bf16 weights)
+        return (F.layer_norm(x.float(), (x.shape[-1],)) * self.weight.float()).to(x.dtype)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -211,7 +212,8 @@ class DiT(EmbeddingConditioning, nn.Module):
         x = self.tok_emb(z)  # (B, L, d)
         if cond is not None:
             x = x + self.cond_term(cond, B, L)  # (B, 1 or L, d)
-        c = F.silu(self.time_mlp(sinusoids(self.sigma(t, B, z.device), SIGMA_FEATURES)))  # (B, cond_dim)
+        features = sinusoids(self.sigma(t, B, z.device), SIGMA_FEATURES).to(self.time_mlp[0].weight.dtype)
+        c = F.silu(self.time_mlp(features))  # (B, cond_dim)
         rope = self.rope(L, z.device)  # (cos, sin), each (L, head_dim/2)
         for block in self.blocks:
             x = block(x, rope, c)

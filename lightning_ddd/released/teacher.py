@@ -79,6 +79,7 @@ class ReleasedTeacher(DiffusionModule):
     ) -> None:
         if val_num_draws < 1:
             raise ValueError(f"ReleasedTeacher: val_num_draws={val_num_draws} must be >= 1.")
+        schedule = LogLinearSchedule(noise_eps)  # MDLM's and SEDD's noise; checks eps before anything is loaded
         release = load_release(source, revision, loader=loader, trust_remote_code=trust_remote_code, mask_id=mask_id,
                                tokenizer=tokenizer, time_input=time_input, noise_eps=noise_eps, cache_dir=cache_dir)
         backbone = release.backbone
@@ -97,7 +98,7 @@ class ReleasedTeacher(DiffusionModule):
         super().__init__(
             backbone.vocab_size,
             seq_len if seq_len is not None else release.max_len,
-            process=lambda V: MaskedProcess(V, LogLinearSchedule(noise_eps)),
+            process=lambda V: MaskedProcess(V, schedule),
             backbone=lambda *_: backbone,
             seed=seed,
         )
