@@ -97,8 +97,8 @@ class HFMaskedLM(EmbeddingConditioning, nn.Module):
             out = self.model(inputs_embeds=embeds, **kwargs)
         logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
         if logits.dim() != 3 or logits.shape[-1] < self.vocab_size:
-            raise ReleasedModelError(f"{type(self.model).__name__} returned logits of shape {tuple(logits.shape)}; expected "
-                             f"(B, L, >= {self.vocab_size}).")
+            raise ReleasedModelError(f"{type(self.model).__name__} returned logits of shape {tuple(logits.shape)}; "
+                                     f"expected (B, L, >= {self.vocab_size}).")
         logits = logits[..., : self.vocab_size]  # (B, L, V)
         if self.mask_id < self.vocab_size:  # the release's mask is a real-vocabulary id: never predict it
             logits = logits.index_fill(-1, torch.tensor([self.mask_id], device=z.device), SUPPRESSED_LOGIT)
