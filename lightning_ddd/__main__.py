@@ -6,13 +6,21 @@ import sys
 from lightning_ddd.cli import main
 
 
+def _own_error(err: BaseException) -> BaseException:
+    """The error a model or DataModule raised: jsonargparse wraps one raised while building a class in a
+    multi-line "Does not validate against any of the Union subtypes" message whose cause it is."""
+    while err.__cause__ is not None and str(err).startswith("Does not validate against any of the Union subtypes"):
+        err = err.__cause__
+    return err
+
+
 def run() -> None:
     try:
         main()
     except (ValueError, FileNotFoundError, ImportError) as err:
         if os.environ.get("LIGHTNING_DDD_TRACEBACK"):
             raise
-        sys.exit(f"error: {err}  (set LIGHTNING_DDD_TRACEBACK=1 for the traceback)")
+        sys.exit(f"error: {_own_error(err)}  (set LIGHTNING_DDD_TRACEBACK=1 for the traceback)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 import lightning_ddd.data  # noqa: F401  (registers the DataModules for short class names)
 import lightning_ddd.diffusion.losses  # noqa: F401  (registers the losses)
 import lightning_ddd.optim  # noqa: F401
+import lightning_ddd.released  # noqa: F401  (registers ReleasedTeacher)
 from lightning_ddd.checkpoints import read_checkpoint, validate_checkpoint
 from lightning_ddd.data import TokenDataModule
 from lightning_ddd.modules import DiffusionModule
@@ -42,6 +43,13 @@ class LightningDDDCLI(LightningCLI):
         # LightningCLI reads the checkpoint's hyperparameters next: fail first with a clear message.
         if self._ckpt_path():
             read_checkpoint(self._ckpt_path())
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Models whose vocabulary and tokenizer are fixed by a release check the data before any work.
+        check = getattr(self.model, "check_datamodule", None)
+        if callable(check) and self.datamodule is not None:
+            check(self.datamodule)
 
     def before_fit(self) -> None:
         if self._ckpt_path():

@@ -310,7 +310,7 @@ def write_samples(tokens: Tensor, datamodule: TokenDataModule | None, output_dir
 def settings_record(model, settings: SamplingSettings, ckpt_path: str | None) -> dict:
     """The protocol fields written next to samples and result rows."""
     return {
-        "checkpoint": ckpt_path,
+        "checkpoint": ckpt_path if ckpt_path is not None else getattr(model, "source_label", None),
         "model_class": type(model).__name__,
         "sampler": settings.sampler,
         **asdict(settings),

@@ -32,7 +32,8 @@ from lightning_ddd.modules.base import DiffusionModule
 def load_weights(model: DiffusionModule, ckpt_path: str | None) -> None:
     """Load a checkpoint's (EMA, when EMA was on) weights into ``model``, checking kind and vocabulary first."""
     if ckpt_path is None:
-        rank_zero_info("no --ckpt_path given: sampling from the untrained model")
+        if not getattr(model, "pretrained", False):  # a released teacher brings its weights
+            rank_zero_info("no --ckpt_path given: sampling from the untrained model")
         return
     ckpt = validate_checkpoint(ckpt_path, type(model))
     model.on_load_checkpoint(ckpt)
