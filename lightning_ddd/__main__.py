@@ -4,6 +4,7 @@ import os
 import sys
 
 from lightning_ddd.cli import main
+from lightning_ddd.extras import install_hint
 
 
 def run() -> None:
@@ -12,7 +13,9 @@ def run() -> None:
     except (ValueError, FileNotFoundError, ImportError) as err:
         if os.environ.get("LIGHTNING_DDD_TRACEBACK"):
             raise
-        sys.exit(f"error: {err}  (set LIGHTNING_DDD_TRACEBACK=1 for the traceback)")
+        # a feature reached an optional package that is not installed: name the extra that provides it
+        hint = install_hint(err.name) if isinstance(err, ModuleNotFoundError) and err.name else None
+        sys.exit(f"error: {hint or err}  (set LIGHTNING_DDD_TRACEBACK=1 for the traceback)")
 
 
 if __name__ == "__main__":

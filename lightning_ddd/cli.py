@@ -1,7 +1,10 @@
 """``python -m lightning_ddd``: a LightningCLI in subclass mode over every module and DataModule.
 
 Vocabulary size and sequence length flow from the DataModule into the model by argument links, so a
-config never states them twice.
+config never states them twice. Configs are read in jsonargparse's ``omegaconf+`` mode: a value may
+interpolate another, e.g. ``total_steps: ${trainer.max_steps}`` for an LR schedule, and the interpolation
+is resolved on the final config, after command-line overrides (so ``--trainer.max_steps 100`` shortens the
+schedule too).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def main(args: list[str] | None = None) -> LightningDDDCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         trainer_class=DDDTrainer,
         auto_configure_optimizers=False,
         args=args,
