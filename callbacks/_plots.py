@@ -3,7 +3,7 @@
 A bare ``Figure`` (not ``pyplot``) needs no GUI backend and touches no global state, so plotting from a
 callback cannot change the backend of a notebook; TensorBoard renders it with the Agg canvas.
 matplotlib (the ``plots`` extra) is imported when a plot is drawn; callbacks that plot call
-:func:`require_plots` when they are built, so a missing extra fails before training.
+:func:`require_plots` at set-up, so a missing extra fails before training.
 """
 
 from __future__ import annotations

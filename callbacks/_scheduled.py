@@ -25,6 +25,7 @@ from torch import Tensor
 from lightning_ddd.evaluation import MetricOptions, SampleScorer, SamplingSettings, generate
 
 from ._logging import log_markdown, log_scalars, warn_without_tensorboard
+from ._plots import require_plots
 from ._sampling import check_strategy, sampling_context
 
 
@@ -37,6 +38,9 @@ class ScheduledSampling(Callback):
         at_fit_end: also run once when training ends (skipped if the last step already ran).
         metrics: what to score beyond entropy and the oracle NLL.
     """
+
+    #: whether :meth:`evaluate` draws plots (then matplotlib, the plots extra, is checked at set-up)
+    plots: bool = False
 
     def __init__(self, every_n_steps: int | None = None, at_fit_end: bool = True,
                  metrics: MetricOptions = MetricOptions()) -> None:
@@ -52,6 +56,8 @@ class ScheduledSampling(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, self)
         warn_without_tensorboard(trainer, self)
+        if self.plots:
+            require_plots(self)
         self.metrics.validate(trainer.datamodule)  # every rank, before anything trains
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

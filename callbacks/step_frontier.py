@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 from lightning_ddd.evaluation import MetricOptions, SamplingSettings, generate, sweep
 
 from ._logging import log_figure, log_scalars
-from ._plots import data_references, metric_lines, require_plots
+from ._plots import data_references, metric_lines
 from ._scheduled import ScheduledSampling
 
 #: per-setting numbers that describe cost, not quality: logged, but not plotted
@@ -36,6 +36,8 @@ class StepFrontier(ScheduledSampling):
         teacher: also evaluate a student's teacher.
     """
 
+    plots = True
+
     def __init__(
         self,
         *,
@@ -49,7 +51,6 @@ class StepFrontier(ScheduledSampling):
         super().__init__(every_n_steps, at_fit_end, metrics)
         if not steps:
             raise ValueError("StepFrontier: steps needs at least one step count.")
-        require_plots(self)
         self.grid = sweep(sampling, steps=sorted(set(steps)))
         self.include_teacher = teacher
         self._teacher_rows: list[dict] | None = None

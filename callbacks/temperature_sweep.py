@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 from lightning_ddd.evaluation import MetricOptions, SamplingSettings, generate, sweep
 
 from ._logging import log_figure, log_scalars
-from ._plots import data_references, metric_lines, require_plots
+from ._plots import data_references, metric_lines
 from ._scheduled import ScheduledSampling
 
 
@@ -32,6 +32,8 @@ class TemperatureSweep(ScheduledSampling):
         at_fit_end: also sweep once when training ends.
     """
 
+    plots = True
+
     def __init__(
         self,
         *,
@@ -44,7 +46,6 @@ class TemperatureSweep(ScheduledSampling):
         at_fit_end: bool = True,
     ) -> None:
         super().__init__(every_n_steps, at_fit_end, metrics)
-        require_plots(self)
         self.grid = sweep(sampling, steps=steps, temperatures=temperatures, top_ps=top_ps)
         self.show_top_p = any(settings.top_p != 1.0 for settings in self.grid)
 

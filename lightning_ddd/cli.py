@@ -9,6 +9,7 @@ schedule too).
 
 from __future__ import annotations
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_ddd.data  # noqa: F401  (registers the DataModules for short class names)
@@ -18,6 +19,11 @@ from lightning_ddd.checkpoints import read_checkpoint, validate_checkpoint
 from lightning_ddd.data import TokenDataModule
 from lightning_ddd.modules import DiffusionModule
 from lightning_ddd.trainer import DDDTrainer
+
+# `${trainer.max_steps}` in a config file means the file's own `trainer:` block. The subcommand (`fit`) is a
+# level above the file's root, so absolute paths are rewritten relative to where they appear when a file is
+# loaded; set before any parser exists, since jsonargparse picks its loader once.
+set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 
 class LightningDDDCLI(LightningCLI):

@@ -30,8 +30,8 @@ def install_hint(module: str, feature: str | None = None) -> str | None:
     if root not in OPTIONAL:
         return None
     distribution, extra = OPTIONAL[root]
-    needs = f"{feature} needs" if feature else "this needs"
-    return f'{needs} {distribution}, which is not installed: pip install "lightning_ddd[{extra}]"'
+    what = f"{feature} needs {distribution}, which is not installed" if feature else f"{distribution} is not installed"
+    return f'{what}: pip install "lightning_ddd[{extra}]"'
 
 
 def require(*modules: str, feature: str) -> None:
