@@ -1,5 +1,6 @@
-"""The ``lightning_ddd.callbacks`` package in tiny CPU fits through the real entry point: TensorBoard tags, logged values
-equal to a direct evaluation on the EMA weights, images for image data, a student's teacher frontier."""
+"""The ``lightning_ddd.callbacks`` package in tiny CPU fits through the real entry point: TensorBoard tags,
+logged values equal to a direct evaluation on the EMA weights, images for image data, a student's teacher
+frontier."""
 
 import copy
 import glob
@@ -25,7 +26,8 @@ DIGITS = json.dumps({"class_path": "Digits", "init_args": {"batch_size": 32}})
 
 
 def callback(name: str, **init_args) -> str:
-    return "--trainer.callbacks+=" + json.dumps({"class_path": f"lightning_ddd.callbacks.{name}", "init_args": init_args})
+    spec = {"class_path": f"lightning_ddd.callbacks.{name}", "init_args": init_args}
+    return "--trainer.callbacks+=" + json.dumps(spec)
 
 
 def fit(config, root, *extra):

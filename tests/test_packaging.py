@@ -22,7 +22,8 @@ def test_wheel_installs_callbacks_inside_the_package(tmp_path):
     shutil.copytree(ROOT, src, ignore=skip, symlinks=True)  # as git checks it out: lightning_ddd/callbacks is a link
     assert os.path.islink(src / "lightning_ddd" / "callbacks")
     pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")], check=True)
+    subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")],
+                   check=True)
     (wheel,) = (tmp_path / "dist").glob("lightning_ddd-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
