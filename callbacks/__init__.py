@@ -1,25 +1,35 @@
-"""Lightning callbacks of lightning_ddd, installed as the top-level ``callbacks`` package.
+"""Lightning callbacks of lightning_ddd, installed as ``lightning_ddd.callbacks``.
+
+This folder sits at the top of the repository; ``lightning_ddd/callbacks`` is a link to it, through which
+a source checkout imports it and the wheel ships it (inside ``lightning_ddd``, never as a top-level
+``callbacks`` package). Its own imports are relative, so it works under that one name.
 
 Use them from YAML::
 
     trainer:
       callbacks:
-        - class_path: callbacks.TemperatureSweep
-          init_args: {every_n_steps: 500, temperatures: [0.8, 1.0], steps: [16, 64]}
+        - class_path: lightning_ddd.callbacks.TemperatureSweep
+          init_args:
+            every_n_steps: 500
+            temperatures: [0.8, 1.0]
+            steps: [16, 64]
+            sampling: {num_samples: 256}
 
-The sampling callbacks draw samples on rank 0 only, with the EMA weights when an ``EMAWeightAveraging``
-callback is on (swapped in explicitly, so the order of the callback list does not matter), and score them
-with ``lightning_ddd.evaluation``, the code behind the ``evaluate`` subcommand. ``callbacks._scheduled``
-says when they run, ``callbacks._sampling`` on which weights and ranks, and why.
+Every sampling callback takes one ``sampling:`` block (:class:`lightning_ddd.evaluation.SamplingSettings`)
+and, where it scores samples, one ``metrics:`` block (:class:`lightning_ddd.evaluation.MetricOptions`), as
+the ``sample`` and ``evaluate`` subcommands do. They draw samples on rank 0 only, with the EMA weights
+when an ``EMAWeightAveraging`` callback is on (swapped in explicitly, so the order of the callback list does
+not matter), and score them with ``lightning_ddd.evaluation``, the code behind the ``evaluate`` subcommand.
+``_scheduled`` says when they run, ``_sampling`` on which weights and ranks, and why.
 """
 
-from callbacks._sampling import averaged_weights
-from callbacks.fid_logger import FIDLogger
-from callbacks.perplexity_logger import PerplexityLogger
-from callbacks.sample_logger import SampleLogger
-from callbacks.step_frontier import StepFrontier
-from callbacks.temperature_sweep import TemperatureSweep
-from callbacks.throughput import Throughput
+from ._sampling import averaged_weights
+from .fid_logger import FIDLogger
+from .perplexity_logger import PerplexityLogger
+from .sample_logger import SampleLogger
+from .step_frontier import StepFrontier
+from .temperature_sweep import TemperatureSweep
+from .throughput import Throughput
 
 __all__ = [
     "FIDLogger",

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
-from matplotlib.figure import Figure
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list:
@@ -49,7 +52,7 @@ def log_figure(trainer: pl.Trainer, tag: str, figure: Figure, step: int | None =
 
 
 def log_image_grid(trainer: pl.Trainer, tag: str, images: Tensor, step: int | None = None) -> None:
-    """Log (N, C, H, W) images in [0, 1] as one roughly square grid."""
+    """Log (N, C, H, W) images in [0, 1] as one roughly square grid (needs torchvision: the images extra)."""
     from torchvision.utils import make_grid
 
     step = trainer.global_step if step is None else step

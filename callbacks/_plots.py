@@ -2,11 +2,23 @@
 
 A bare ``Figure`` (not ``pyplot``) needs no GUI backend and touches no global state, so plotting from a
 callback cannot change the backend of a notebook; TensorBoard renders it with the Agg canvas.
+matplotlib (the ``plots`` extra) is imported when a plot is drawn; callbacks that plot call
+:func:`require_plots` at set-up, so a missing extra fails before training.
 """
 
 from __future__ import annotations
 
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
+
+from lightning_ddd.extras import require
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def require_plots(owner: object) -> None:
+    """Fail now, naming the extra, if matplotlib is missing."""
+    require("matplotlib", feature=f"{type(owner).__name__}'s plots")
 
 
 def data_references(datamodule) -> dict[str, float]:
@@ -23,6 +35,8 @@ def metric_lines(rows: list[dict], x: str, line: str, metrics: list[str], xlabel
     Rows missing a metric (e.g. no oracle for the teacher) are skipped in that panel; ``references`` draws a
     dashed horizontal line labelled "data" in the panel of each metric it names.
     """
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(4.0 * len(metrics), 3.2), layout="constrained")
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     labels = list(dict.fromkeys(row[line] for row in rows))  # first-seen order

@@ -25,9 +25,9 @@ from typing import Iterator
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_ddd.compat import swap_weights, weight_averages
 
 
 class SamplingClock:
@@ -42,20 +42,16 @@ def averaged_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iter
 
     Only valid where the module holds the training weights (see the module docstring); a no-op without
     weight averaging or outside ``fit`` (where the averaging callback holds no average). Uses Lightning's
-    own swap (``WeightAveraging._swap_models``), the one it runs around validation.
+    own swap, the one it runs around validation (through :mod:`lightning_ddd.compat`).
     """
-    averaging = [cb for cb in trainer.callbacks
-                 if isinstance(cb, WeightAveraging) and getattr(cb, "_average_model", None) is not None][:1]
-    if averaging and not all(hasattr(cb, "_swap_models") for cb in averaging):
-        rank_zero_warn("this Lightning's WeightAveraging has no _swap_models: sampling uses the training weights.")
-        averaging = []
+    averaging = weight_averages(trainer)[:1]
     for cb in averaging:
-        cb._swap_models(pl_module)
+        swap_weights(cb, pl_module)
     try:
         yield
     finally:
         for cb in averaging:
-            cb._swap_models(pl_module)  # a swap is its own inverse
+            swap_weights(cb, pl_module)  # a swap is its own inverse
 
 
 @contextmanager

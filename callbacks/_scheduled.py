@@ -3,15 +3,15 @@
 **When.** :class:`ScheduledSampling` runs every ``every_n_steps`` optimiser steps (``on_train_batch_end``)
 and once when training ends (``on_train_end``: Lightning calls it before the strategy's teardown moves the
 model to the CPU, so ``on_fit_end`` would sample on the CPU). Both hooks see the training weights, so the
-EMA weights are swapped in explicitly (``callbacks._sampling``); everything runs on rank 0.
+EMA weights are swapped in explicitly (``lightning_ddd.callbacks._sampling``); everything runs on rank 0.
 
 **Scoring.** Samples are scored by :class:`lightning_ddd.evaluation.SampleScorer`, the implementation the
 ``evaluate`` subcommand uses, configured by :class:`lightning_ddd.evaluation.MetricOptions`. The options are
 checked against the data at set-up (every rank, before training); the scorer, which may load an evaluator
 LM or a feature extractor, is built once on rank 0 in ``on_train_start`` (the model is on its device by
 then), so a missing evaluator fails before the first training step. The callback owns it: evaluator
-weights never land in a model checkpoint. Its metrics' cross-process syncing is turned off, since only
-rank 0 computes them.
+weights never land in a model checkpoint. Its metrics do not sync across processes, since only rank 0
+computes them.
 """
 
 from __future__ import annotations
@@ -21,22 +21,12 @@ from dataclasses import asdict
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
-from torchmetrics import Metric
 
 from lightning_ddd.evaluation import MetricOptions, SampleScorer, SamplingSettings, data_row, generate
 
-from callbacks._logging import log_markdown, log_scalars, warn_without_tensorboard
-from callbacks._sampling import check_strategy, sampling_context
-
-
-def rank_zero_scorer(options: MetricOptions, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SampleScorer:
-    """A ``SampleScorer`` on the module's device whose metrics never wait for other processes."""
-    scorer = SampleScorer(options, trainer.datamodule, pl_module.vocab_size, pl_module.device)
-    for value in vars(scorer).values():
-        if isinstance(value, Metric):
-            value.sync_on_compute = False
-            value._to_sync = False  # torchmetrics' compute() reads this copy of sync_on_compute
-    return scorer
+from ._logging import log_markdown, log_scalars, warn_without_tensorboard
+from ._plots import require_plots
+from ._sampling import check_strategy, sampling_context
 
 
 class ScheduledSampling(Callback):
@@ -46,16 +36,19 @@ class ScheduledSampling(Callback):
     Args:
         every_n_steps: run every this many optimiser steps (None: only at the end of training).
         at_fit_end: also run once when training ends (skipped if the last step already ran).
-        metrics: what to score beyond entropy and the oracle NLL (None: nothing more).
+        metrics: what to score beyond entropy and the oracle NLL.
     """
 
+    #: whether :meth:`evaluate` draws plots (then matplotlib, the plots extra, is checked at set-up)
+    plots: bool = False
+
     def __init__(self, every_n_steps: int | None = None, at_fit_end: bool = True,
-                 metrics: MetricOptions | None = None) -> None:
+                 metrics: MetricOptions = MetricOptions()) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"{type(self).__name__}: every_n_steps={every_n_steps} must be >= 1 or null (end only).")
         self.every_n_steps = every_n_steps
         self.at_fit_end = at_fit_end
-        self.metrics = metrics if metrics is not None else MetricOptions()
+        self.metrics = metrics
         self.scorer: SampleScorer | None = None
         self._last_step = -1  # global step of the last run
         self._next_step = every_n_steps or 0  # first global step of the next scheduled run
@@ -63,13 +56,17 @@ class ScheduledSampling(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, self)
         warn_without_tensorboard(trainer, self)
+        if self.plots:
+            require_plots(self)
         self.metrics.validate(trainer.datamodule)  # every rank, before anything trains
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps:  # a resumed run goes on with the next multiple, not from the start
             self._next_step = (trainer.global_step // self.every_n_steps + 1) * self.every_n_steps
         if self.scorer is None and trainer.is_global_zero:
-            self.scorer = rank_zero_scorer(self.metrics, trainer, pl_module)
+            # only rank 0 scores, so its metrics must not wait for the other ranks in compute()
+            self.scorer = SampleScorer(self.metrics, trainer.datamodule, pl_module.vocab_size, pl_module.device,
+                                       sync_on_compute=False)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -110,20 +107,19 @@ class SampleMetricsLogger(ScheduledSampling):
 
     protocol_name = "metrics"
 
-    def __init__(self, settings: SamplingSettings, metrics: MetricOptions, every_n_steps: int | None,
+    def __init__(self, sampling: SamplingSettings, metrics: MetricOptions, every_n_steps: int | None,
                  at_fit_end: bool) -> None:
         super().__init__(every_n_steps, at_fit_end, metrics)
-        settings.validate()  # a bad value fails when the config is read, not after hours of training
-        self.settings = settings
+        self.sampling = sampling
         self._protocol_logged = False
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        tokens, _, _ = generate(pl_module, self.settings)  # (N, D)
+        tokens, _, _ = generate(pl_module, self.sampling)  # (N, D)
         log_scalars(trainer, {f"sample/{name}": value for name, value in self.score(tokens).items()})
         if not self._protocol_logged:
-            floor = data_row(self.scorer, self.settings.num_samples, self.settings.seed)  # real data, same N
+            floor = data_row(self.scorer, self.sampling.num_samples, self.sampling.seed)  # real data, same N
             floor = {f"data_{k}": v for k, v in floor.items() if k not in self.scorer.record and k != "model_class"}
-            record = {**asdict(self.settings), "sampler": self.settings.sampler, **self.scorer.record, **floor}
+            record = {**asdict(self.sampling), "sampler": self.sampling.sampler, **self.scorer.record, **floor}
             table = "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in record.items())
             log_markdown(trainer, f"sample/protocol/{self.protocol_name}", table)
             self._protocol_logged = True

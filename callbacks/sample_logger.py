@@ -6,9 +6,10 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_ddd.evaluation import SamplingSettings, generate
+from lightning_ddd.extras import require
 
-from callbacks._logging import log_image_grid, log_markdown, log_text, warn_without_tensorboard
-from callbacks._sampling import check_strategy, sampling_context
+from ._logging import log_image_grid, log_markdown, log_text, warn_without_tensorboard
+from ._sampling import check_strategy, sampling_context
 
 
 class SampleLogger(pl.Callback):
@@ -22,43 +23,25 @@ class SampleLogger(pl.Callback):
     swapped in explicitly when EMA is on: by that hook the EMA callback has swapped its weights out again.
 
     Args:
-        num_samples: samples per validation.
-        steps: sampling steps.
-        temperature: softmax temperature of the x-prediction.
-        top_p: nucleus mass kept (1.0 = off).
-        top_k: most likely tokens kept (0 = off).
-        precision: dtype of the categorical draws ("float64" or "float32").
-        seed: seed of the sampler.
-        cache: use the RADD caching sampler (masked, time-independent models).
+        sampling: how the samples are drawn (``num_samples`` of them per validation).
         max_chars: text samples are cut to this many characters (TensorBoard slows down on long texts).
     """
 
-    def __init__(
-        self,
-        num_samples: int = 16,
-        steps: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        precision: str = "float64",
-        seed: int = 0,
-        cache: bool = False,
-        max_chars: int = 2000,
-    ) -> None:
-        self.settings = SamplingSettings(steps, temperature, top_p, top_k, precision, seed, num_samples,
-                                         batch_size=num_samples, cache=cache)
-        self.settings.validate()
+    def __init__(self, *, sampling: SamplingSettings = SamplingSettings(), max_chars: int = 2000) -> None:
+        self.sampling = sampling
         self.max_chars = max_chars
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, self)
         warn_without_tensorboard(trainer, self)
+        if getattr(trainer.datamodule, "modality", None) == "image":
+            require("torchvision", feature="SampleLogger's image grids")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         with sampling_context(trainer, pl_module):
-            tokens, _, _ = generate(pl_module, self.settings)  # (N, D)
+            tokens, _, _ = generate(pl_module, self.sampling)  # (N, D)
         datamodule = trainer.datamodule
         decoded = datamodule.decode(tokens) if datamodule is not None else None
         if isinstance(decoded, Tensor):  # (N, C, H, W) in [0, 1]

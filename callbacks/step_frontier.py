@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import lightning.pytorch as pl
 
-from lightning_ddd.evaluation import MetricOptions, SamplingSettings, generate
+from lightning_ddd.evaluation import MetricOptions, SamplingSettings, generate, sweep
 
-from callbacks._logging import log_figure, log_scalars
-from callbacks._plots import data_references, metric_lines
-from callbacks._scheduled import ScheduledSampling
+from ._logging import log_figure, log_scalars
+from ._plots import data_references, metric_lines
+from ._scheduled import ScheduledSampling
 
 #: per-setting numbers that describe cost, not quality: logged, but not plotted
 _COST = ("mean_nfe", "seconds_per_sample")
@@ -26,48 +24,34 @@ class StepFrontier(ScheduledSampling):
     Scalars: ``frontier/<metric>/steps=<n>`` for the model and ``frontier/teacher/<metric>/steps=<n>`` for
     the teacher, for ``entropy``, ``oracle_nll`` (data with a known density), what ``metrics`` turns on,
     ``mean_nfe`` and ``seconds_per_sample``. Image: ``frontier/plot``, each quality metric against steps.
-    Runs on rank 0 with the EMA weights when EMA is on (see ``callbacks._sampling``).
+    Runs on rank 0 with the EMA weights when EMA is on (see ``lightning_ddd.callbacks._sampling``).
 
     Args:
-        steps: sampling step counts.
-        num_samples: samples per step count.
-        seed: seed of every step count's sampler (model and teacher alike).
-        every_n_steps: evaluate every this many optimiser steps (None: only at the end of training).
-        at_fit_end: also evaluate once when training ends.
-        temperature: softmax temperature of the x-prediction.
-        top_p: nucleus mass kept (1.0 = off).
-        top_k: most likely tokens kept (0 = off).
-        precision: dtype of the categorical draws ("float64" or "float32").
-        batch_size: samples drawn at once.
-        cache: use the RADD caching sampler (masked, time-independent models).
-        teacher: also evaluate a student's teacher.
+        steps: sampling step counts (each replaces ``sampling.steps``).
+        sampling: every other sampling setting, shared by all step counts (model and teacher alike).
         metrics: metrics beyond entropy and the oracle NLL, as for the ``evaluate`` subcommand, e.g.
             ``{evaluator: gpt2-large}`` for generative perplexity or ``{fid: true}`` for image data.
+        every_n_steps: evaluate every this many optimiser steps (None: only at the end of training).
+        at_fit_end: also evaluate once when training ends.
+        teacher: also evaluate a student's teacher.
     """
+
+    plots = True
 
     def __init__(
         self,
+        *,
         steps: list[int] = [4, 8, 16, 32, 64, 128, 256, 512, 1024],
-        num_samples: int = 64,
-        seed: int = 0,
+        sampling: SamplingSettings = SamplingSettings(),
+        metrics: MetricOptions = MetricOptions(),
         every_n_steps: int | None = None,
         at_fit_end: bool = True,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        precision: str = "float64",
-        batch_size: int = 64,
-        cache: bool = False,
         teacher: bool = True,
-        metrics: MetricOptions | None = None,
     ) -> None:
         super().__init__(every_n_steps, at_fit_end, metrics)
         if not steps:
             raise ValueError("StepFrontier: steps needs at least one step count.")
-        base = SamplingSettings(steps[0], temperature, top_p, top_k, precision, seed, num_samples, batch_size, cache)
-        self.grid = [replace(base, steps=n) for n in sorted(set(steps))]
-        for settings in self.grid:
-            settings.validate()  # a bad value fails when the config is read, not after hours of training
+        self.grid = sweep(sampling, steps=sorted(set(steps)))
         self.include_teacher = teacher
         self._teacher_rows: list[dict] | None = None
 

@@ -13,9 +13,9 @@ from torch import Tensor
 
 from lightning_ddd.evaluation import SamplingSettings, generate
 
-from callbacks._logging import log_scalars
-from callbacks._scheduled import ScheduledSampling
-from callbacks._sampling import SamplingClock
+from ._logging import log_scalars
+from ._sampling import SamplingClock
+from ._scheduled import ScheduledSampling
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -36,33 +36,26 @@ class Throughput(ScheduledSampling):
     0's rate times the world size: the distributed sampler gives every rank the same batch size.
     ``throughput/peak_memory_mib``: rank 0's ``torch.cuda.max_memory_allocated`` on a GPU, its peak RSS on
     the CPU. ``throughput/sampling_samples_per_s``: every ``every_n_steps`` and at the end of training, rank
-    0 times ``num_samples`` samples of ``steps`` steps (after a one-step warm-up). On a GPU every training
-    batch is synchronised, which costs a little overlap but makes the timing true.
+    0 times drawing ``sampling`` (after a one-step warm-up). On a GPU every training batch is synchronised,
+    which costs a little overlap but makes the timing true.
 
     Args:
+        sampling: the samples timed for the sampling measurement.
         every_n_steps: measure sampling speed every this many optimiser steps (None: only at the end).
         at_fit_end: also measure sampling speed when training ends.
-        num_samples: samples drawn for the sampling measurement.
-        steps: sampling steps of the sampling measurement.
-        seed: seed of the sampler.
-        cache: use the RADD caching sampler (masked, time-independent models).
         log_every_n_steps: log training rate and memory every this many steps (None: the trainer's).
     """
 
     def __init__(
         self,
+        *,
+        sampling: SamplingSettings = SamplingSettings(),
         every_n_steps: int | None = 1000,
         at_fit_end: bool = True,
-        num_samples: int = 64,
-        steps: int = 64,
-        seed: int = 0,
-        cache: bool = False,
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(every_n_steps, at_fit_end)
-        self.settings = SamplingSettings(steps=steps, seed=seed, num_samples=num_samples, batch_size=num_samples,
-                                         cache=cache)
-        self.settings.validate()
+        self.sampling = sampling
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"Throughput: log_every_n_steps={log_every_n_steps} must be >= 1 or null.")
         self.log_every_n_steps = log_every_n_steps
@@ -107,6 +100,6 @@ class Throughput(ScheduledSampling):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        generate(pl_module, replace(self.settings, steps=1))  # warm-up: first-call allocations, kernel loading
-        _, _, seconds = generate(pl_module, self.settings)
-        log_scalars(trainer, {"throughput/sampling_samples_per_s": self.settings.num_samples / seconds})
+        generate(pl_module, replace(self.sampling, steps=1))  # warm-up: first-call allocations, kernel loading
+        _, _, seconds = generate(pl_module, self.sampling)
+        log_scalars(trainer, {"throughput/sampling_samples_per_s": self.sampling.num_samples / seconds})

@@ -4,6 +4,7 @@ import os
 import sys
 
 from lightning_ddd.cli import main
+from lightning_ddd.extras import install_hint
 
 
 def _own_error(err: BaseException) -> BaseException:
@@ -20,7 +21,9 @@ def run() -> None:
     except (ValueError, FileNotFoundError, ImportError) as err:
         if os.environ.get("LIGHTNING_DDD_TRACEBACK"):
             raise
-        sys.exit(f"error: {_own_error(err)}  (set LIGHTNING_DDD_TRACEBACK=1 for the traceback)")
+        # a feature reached an optional package that is not installed: name the extra that provides it
+        hint = install_hint(err.name) if isinstance(err, ModuleNotFoundError) and err.name else None
+        sys.exit(f"error: {hint or _own_error(err)}  (set LIGHTNING_DDD_TRACEBACK=1 for the traceback)")
 
 
 if __name__ == "__main__":

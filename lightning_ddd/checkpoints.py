@@ -1,4 +1,9 @@
-"""Checkpoint loading with errors that say what is wrong and how to fix it."""
+"""Checkpoint loading with errors that say what is wrong and how to fix it.
+
+Below the module layer: it imports no ``lightning_ddd`` module class. A checkpoint's class is resolved by
+its LightningCLI class path, or by name among the project's LightningModule classes loaded so far (the
+callers, which pass the class they expect, have loaded them).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import importlib
 import os
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
 
@@ -44,10 +50,20 @@ def checkpoint_class(ckpt: dict[str, Any]) -> type | None:
                 f"checkpoint was written by {class_path}, which cannot be imported; install the package that defines it."
             ) from None
     name = ckpt.get("lightning_ddd_class")  # written by every lightning_ddd module
-    if name:
-        import lightning_ddd.modules as modules
+    return _loaded_module_class(name) if name else None
 
-        return getattr(modules, name, None)
+
+def _loaded_module_class(name: str) -> type | None:
+    """The ``lightning_ddd`` LightningModule subclass called ``name`` among the classes defined so far."""
+    pending, seen = [pl.LightningModule], set()
+    while pending:
+        for cls in pending.pop().__subclasses__():
+            if cls in seen:
+                continue
+            seen.add(cls)
+            pending.append(cls)
+            if cls.__name__ == name and cls.__module__.startswith("lightning_ddd."):
+                return cls
     return None
 
 

@@ -1,11 +1,15 @@
 """``python -m lightning_ddd``: a LightningCLI in subclass mode over every module and DataModule.
 
 Vocabulary size and sequence length flow from the DataModule into the model by argument links, so a
-config never states them twice.
+config never states them twice. Configs are read in jsonargparse's ``omegaconf+`` mode: a value may
+interpolate another, e.g. ``total_steps: ${trainer.max_steps}`` for an LR schedule, and the interpolation
+is resolved on the final config, after command-line overrides (so ``--trainer.max_steps 100`` shortens the
+schedule too).
 """
 
 from __future__ import annotations
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_ddd.data  # noqa: F401  (registers the DataModules for short class names)
@@ -16,6 +20,11 @@ from lightning_ddd.checkpoints import read_checkpoint, validate_checkpoint
 from lightning_ddd.data import TokenDataModule
 from lightning_ddd.modules import DiffusionModule
 from lightning_ddd.trainer import DDDTrainer
+
+# `${trainer.max_steps}` in a config file means the file's own `trainer:` block. The subcommand (`fit`) is a
+# level above the file's root, so absolute paths are rewritten relative to where they appear when a file is
+# loaded; set before any parser exists, since jsonargparse picks its loader once.
+set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 
 class LightningDDDCLI(LightningCLI):
@@ -69,6 +78,7 @@ def main(args: list[str] | None = None) -> LightningDDDCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         trainer_class=DDDTrainer,
         auto_configure_optimizers=False,
         args=args,

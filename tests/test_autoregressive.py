@@ -11,7 +11,8 @@ import torch
 
 from lightning_ddd.checkpoints import CheckpointError
 from lightning_ddd.cli import main
-from lightning_ddd.metrics import ARModelEvaluator, GenerativePerplexity, GradientMoment, load_evaluator
+from lightning_ddd.evaluation import load_ar_evaluator, load_evaluator
+from lightning_ddd.metrics import ARModelEvaluator, GenerativePerplexity, GradientMoment
 from lightning_ddd.modules import ARLanguageModel
 from lightning_ddd.nn.causal import CausalTransformer
 
@@ -88,16 +89,17 @@ def test_evaluator_rejects_a_checkpoint_of_another_kind(tmp_path):
     path = tmp_path / "teacher.ckpt"
     torch.save({"state_dict": {}, "lightning_ddd_class": "DiffusionTeacher"}, path)
     with pytest.raises(CheckpointError, match="not an ARLanguageModel"):
-        ARModelEvaluator(str(path))
+        load_ar_evaluator(str(path))
 
 
 def test_evaluate_uses_the_ar_evaluator_and_the_ar_model_samples(ckpt, tmp_path):
-    main(["evaluate", "-c", TINY_TEACHER, "--steps", "[2]", "--num_samples", "8", "--evaluator", ckpt,
-          "--gradient_moment", "true", "--output_dir", str(tmp_path / "eval")])
+    main(["evaluate", "-c", TINY_TEACHER, "--steps", "[2]", "--sampling.num_samples", "8", "--metrics.evaluator", ckpt,
+          "--metrics.gradient_moment", "true", "--output_dir", str(tmp_path / "eval")])
     data, row = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert row["evaluator"] == ckpt and row["gen_ppl"] > 1.0 and "grad_moment" in row
     # the floor: training sequences, since the gradient moment's own data are validation sequences
     assert data["data_split"] == "train" and data["gen_ppl"] > 1.0 and "grad_moment" in data
     # the AR model is a left-to-right baseline for the same subcommands
-    main(["sample", "-c", TINY_AR, "--ckpt_path", ckpt, "--num_samples", "4", "--output_dir", str(tmp_path / "s")])
+    main(["sample", "-c", TINY_AR, "--ckpt_path", ckpt, "--sampling.num_samples", "4",
+          "--output_dir", str(tmp_path / "s")])
     assert torch.load(tmp_path / "s" / "tokens.pt").shape == (4, 8)

@@ -1,5 +1,6 @@
-"""The ``callbacks`` package in tiny CPU fits through the real entry point: TensorBoard tags, logged values
-equal to a direct evaluation on the EMA weights, images for image data, a student's teacher frontier."""
+"""The ``lightning_ddd.callbacks`` package in tiny CPU fits through the real entry point: TensorBoard tags,
+logged values equal to a direct evaluation on the EMA weights, images for image data, a student's teacher
+frontier."""
 
 import copy
 import glob
@@ -13,8 +14,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks import TemperatureSweep
-from callbacks._sampling import check_strategy
+from lightning_ddd.callbacks import TemperatureSweep
+from lightning_ddd.callbacks._sampling import check_strategy
 from lightning_ddd.cli import main
 from lightning_ddd.evaluation import MetricOptions, SampleScorer, SamplingSettings, generate, sample_metrics
 
@@ -25,7 +26,8 @@ DIGITS = json.dumps({"class_path": "Digits", "init_args": {"batch_size": 32}})
 
 
 def callback(name: str, **init_args) -> str:
-    return "--trainer.callbacks+=" + json.dumps({"class_path": f"callbacks.{name}", "init_args": init_args})
+    spec = {"class_path": f"lightning_ddd.callbacks.{name}", "init_args": init_args}
+    return "--trainer.callbacks+=" + json.dumps(spec)
 
 
 def fit(config, root, *extra):
@@ -59,11 +61,12 @@ def markov(tmp_path_factory):
     cli = fit(
         TINY, root,
         callback("TemperatureSweep", every_n_steps=2, temperatures=[0.5, 1.0], top_ps=[1.0, 0.9], steps=[2, 4],
-                 num_samples=8, metrics={"evaluator": "oracle"}),
-        callback("StepFrontier", steps=[1, 2, 4], num_samples=8),
-        callback("PerplexityLogger", evaluator="oracle", every_n_steps=None, num_samples=16, steps=4, seed=3),
-        callback("SampleLogger", num_samples=4, steps=4),
-        callback("Throughput", every_n_steps=2, num_samples=4, steps=2),
+                 sampling={"num_samples": 8}, metrics={"evaluator": "oracle"}),
+        callback("StepFrontier", steps=[1, 2, 4], sampling={"num_samples": 8}),
+        callback("PerplexityLogger", metrics={"evaluator": "oracle"}, every_n_steps=None,
+                 sampling={"num_samples": 16, "steps": 4, "seed": 3}),
+        callback("SampleLogger", sampling={"num_samples": 4, "steps": 4}),
+        callback("Throughput", every_n_steps=2, sampling={"num_samples": 4, "steps": 2}),
     )
     (ckpt,) = glob.glob(str(root / "**" / "last.ckpt"), recursive=True)
     return SimpleNamespace(cli=cli, root=root, events=Events(root), ckpt=ckpt)
@@ -122,7 +125,7 @@ def test_callbacks_do_not_change_training(markov, tmp_path):
 
 def test_step_frontier_of_a_student_includes_its_teacher(markov, tmp_path):
     cli = fit(TINY_DMMD, tmp_path, "--model.init_args.teacher_ckpt", markov.ckpt,
-              callback("StepFrontier", steps=[1, 2], num_samples=4))
+              callback("StepFrontier", steps=[1, 2], sampling={"num_samples": 4}))
     ev = Events(tmp_path)
     for who in ("", "teacher/"):
         for n in (1, 2):
@@ -139,13 +142,13 @@ def test_image_run_logs_a_grid_and_fid(tmp_path):
     with torch.random.fork_rng():
         torch.manual_seed(0)  # untrained weights: features good enough to test the plumbing, no training time
         torch.save({"state_dict": DigitsCNN().state_dict()}, weights)
-    fid_args = {"fid_extractor": "digits-cnn", "fid_weights_path": weights, "fid_reference_size": 64,
-                "cache_dir": str(tmp_path / "fid")}
+    fid_options = {"fid_extractor": "digits-cnn", "fid_weights_path": weights, "fid_reference_size": 64,
+                   "cache_dir": str(tmp_path / "fid")}
     cli = fit(
         TINY, tmp_path / "run", "--data", DIGITS, "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "1",
-        callback("SampleLogger", num_samples=9, steps=4),
-        callback("FIDLogger", every_n_steps=None, num_samples=16, steps=4, **fid_args),
+        callback("SampleLogger", sampling={"num_samples": 9, "steps": 4}),
+        callback("FIDLogger", every_n_steps=None, sampling={"num_samples": 16, "steps": 4}, metrics=fid_options),
     )
     ev = Events(tmp_path / "run")
     ((step, width, height),) = ev.images["sample/images"]
@@ -163,7 +166,8 @@ def test_text_run_logs_decoded_text(tmp_path):
     text = json.dumps({"class_path": "TextDataModule", "init_args": {
         "seq_len": 16, "max_chars": 20_000, "batch_size": 16, "cache_dir": str(tmp_path / "cache")}})
     cli = fit(TINY, tmp_path / "run", "--data", text, "--trainer.limit_train_batches", "2",
-              "--trainer.limit_val_batches", "1", callback("SampleLogger", num_samples=3, steps=4, seed=5))
+              "--trainer.limit_val_batches", "1",
+              callback("SampleLogger", sampling={"num_samples": 3, "steps": 4, "seed": 5}))
     ((step, body),) = Events(tmp_path / "run").texts["sample/text"]
     tokens, _, _ = generate(cli.model, SamplingSettings(steps=4, seed=5, num_samples=3, batch_size=3))
     assert step == 2 and all(f"```\n{sample}\n```" in body for sample in cli.datamodule.decode(tokens))
@@ -171,7 +175,7 @@ def test_text_run_logs_decoded_text(tmp_path):
 
 def test_fid_on_sequence_data_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="image data"):
-        fit(TINY, tmp_path, callback("FIDLogger", fid_extractor="digits-cnn"))
+        fit(TINY, tmp_path, callback("FIDLogger", metrics={"fid_extractor": "digits-cnn"}))
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
@@ -194,10 +198,10 @@ import torch
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
-from callbacks import PerplexityLogger, SampleLogger, StepFrontier, TemperatureSweep, Throughput
+from lightning_ddd.callbacks import PerplexityLogger, SampleLogger, StepFrontier, TemperatureSweep, Throughput
 from lightning_ddd.data import MarkovChain
 from lightning_ddd.diffusion.losses import AnyOrderLoss
-from lightning_ddd.evaluation import MetricOptions
+from lightning_ddd.evaluation import MetricOptions, SamplingSettings
 from lightning_ddd.modules import DiffusionTeacher
 from lightning_ddd.nn import DenoisingTransformer
 
@@ -207,12 +211,13 @@ model = DiffusionTeacher(
     loss=AnyOrderLoss(), optimizer=lambda params: torch.optim.AdamW(params, lr=0.01))
 callbacks = [
     EMAWeightAveraging(decay=0.9),
-    TemperatureSweep(every_n_steps=1, temperatures=[0.5, 1.0], steps=[2], num_samples=8,
+    TemperatureSweep(every_n_steps=1, temperatures=[0.5, 1.0], steps=[2], sampling=SamplingSettings(num_samples=8),
                      metrics=MetricOptions(evaluator="oracle")),
-    StepFrontier(steps=[1, 2], num_samples=8),
-    PerplexityLogger(evaluator="oracle", every_n_steps=2, num_samples=8, steps=2),
-    SampleLogger(num_samples=4, steps=2),
-    Throughput(every_n_steps=2, num_samples=4, steps=2),
+    StepFrontier(steps=[1, 2], sampling=SamplingSettings(num_samples=8)),
+    PerplexityLogger(metrics=MetricOptions(evaluator="oracle"), every_n_steps=2,
+                     sampling=SamplingSettings(num_samples=8, steps=2)),
+    SampleLogger(sampling=SamplingSettings(num_samples=4, steps=2)),
+    Throughput(every_n_steps=2, sampling=SamplingSettings(num_samples=4, steps=2)),
 ]
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, log_every_n_steps=1,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,

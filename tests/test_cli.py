@@ -114,3 +114,25 @@ def test_checkpoint_of_another_vocabulary_is_rejected(tmp_path):
     (ckpt,) = glob.glob(str(tmp_path / "a" / "**" / "last.ckpt"), recursive=True)
     with pytest.raises(ValueError, match="vocab_size=5"):
         fit(tmp_path / "b", "--data.init_args.vocab_size", "6", "--ckpt_path", ckpt)
+
+
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart", "teacher.yaml")
+
+
+def test_lr_schedule_follows_max_steps_given_on_the_command_line(tmp_path, monkeypatch):
+    """The quickstart's ``total_steps: ${trainer.max_steps}``: cutting max_steps ends the cosine with training."""
+    monkeypatch.chdir(tmp_path)  # the quickstart writes under runs/
+    cli = main(["fit", "-c", QUICKSTART, "--trainer.max_steps", "6", "--trainer.enable_progress_bar", "false",
+                "--model.init_args.lr_scheduler.init_args.warmup_steps", "2",
+                "--data.init_args.num_train", "256", "--data.init_args.num_val", "128"])
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert cli.trainer.global_step == 6 and scheduler.total_steps == 6
+    base_lr, min_ratio = 0.002, scheduler.min_ratio
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(min_ratio * base_lr)  # at its floor
+    (saved,) = glob.glob(str(tmp_path / "runs" / "**" / "config.yaml"), recursive=True)
+    assert "total_steps: 6" in open(saved).read()  # the run's record holds the resolved number
+
+
+def test_interpolated_values_print_resolved(capsys):
+    code, out = run_cli(["fit", "-c", QUICKSTART, "--trainer.max_steps", "300", "--print_config"], capsys)
+    assert code == 0 and "total_steps: 300" in out and "${" not in out

@@ -326,7 +326,7 @@ def test_gpt2_perplexity_of_english_is_moderate():
 
 
 def test_evaluate_subcommand_reports_oracle_perplexity(tmp_path):
-    main(["evaluate", "-c", TINY, "--steps", "[2]", "--num_samples", "8", "--evaluator", "oracle",
+    main(["evaluate", "-c", TINY, "--steps", "[2]", "--sampling.num_samples", "8", "--metrics.evaluator", "oracle",
           "--output_dir", str(tmp_path)])
     data, row = json.loads((tmp_path / "evaluation.json").read_text())
     assert row["evaluator"] == data["evaluator"] == "oracle"

@@ -59,9 +59,10 @@ def test_validate_through_the_cli_logs_the_nll_bound(release, tmp_path):
 def test_evaluate_through_the_cli_records_the_release(release, tmp_path):
     folder, corpus = release
     out = tmp_path / "eval"
-    main(["evaluate", *cli_args(folder, corpus, tmp_path / "cache"), "--steps", "[2]", "--num_samples", "4",
-          "--batch_size", "4", "--nll_max_batches", "1", "--output_dir", str(out)])
-    (row,) = json.loads((out / "evaluation.json").read_text())
+    main(["evaluate", *cli_args(folder, corpus, tmp_path / "cache"), "--steps", "[2]", "--sampling.num_samples", "4",
+          "--sampling.batch_size", "4", "--nll_max_batches", "1", "--output_dir", str(out)])
+    data, row = json.loads((out / "evaluation.json").read_text())
+    assert data["model_class"] == "data"
     assert row["model_class"] == "ReleasedTeacher" and row["checkpoint"].startswith(os.path.abspath(folder) + "#")
     assert row["nll"] > 0 and row["entropy"] >= 0 and row["steps"] == 2
 

@@ -210,8 +210,9 @@ def test_every_shipped_student_config_builds(config, teacher_ckpt):
     if config.startswith("README.md#"):
         model = yaml.safe_load(readme_student_blocks()[int(config.split("#")[1])])["model"]
     else:
-        with open(config) as f:
-            model = yaml.safe_load(f)["model"]
+        from omegaconf import OmegaConf  # the configs interpolate (e.g. total_steps: ${trainer.max_steps})
+
+        model = OmegaConf.to_container(OmegaConf.load(config), resolve=True)["model"]
     model["init_args"]["teacher_ckpt"] = teacher_ckpt
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(DiffusionModule, "model")

@@ -24,8 +24,8 @@ def ckpt(tmp_path_factory):
 
 def test_sample_writes_tokens_text_and_settings(ckpt, tmp_path):
     out = tmp_path / "s"
-    main(["sample", "-c", TINY, "--ckpt_path", ckpt, "--num_samples", "6", "--steps", "4", "--seed", "3",
-          "--top_p", "0.9", "--output_dir", str(out)])
+    main(["sample", "-c", TINY, "--ckpt_path", ckpt, "--sampling.num_samples", "6", "--sampling.steps", "4",
+          "--sampling.seed", "3", "--sampling.top_p", "0.9", "--output_dir", str(out)])
     tokens = torch.load(out / "tokens.pt")
     assert tokens.shape == (6, 8) and tokens.max() < 5  # no mask id left
     record = json.loads((out / "samples.json").read_text())
@@ -35,14 +35,14 @@ def test_sample_writes_tokens_text_and_settings(ckpt, tmp_path):
     assert "oracle_nll" in record and "entropy" in record
     assert len((out / "samples.txt").read_text().split("=== sample")) == 7
     # the same seed reproduces the same samples
-    main(["sample", "-c", TINY, "--ckpt_path", ckpt, "--num_samples", "6", "--steps", "4", "--seed", "3",
-          "--top_p", "0.9", "--output_dir", str(tmp_path / "again")])
+    main(["sample", "-c", TINY, "--ckpt_path", ckpt, "--sampling.num_samples", "6", "--sampling.steps", "4",
+          "--sampling.seed", "3", "--sampling.top_p", "0.9", "--output_dir", str(tmp_path / "again")])
     assert torch.equal(torch.load(tmp_path / "again" / "tokens.pt"), tokens)
 
 
 def test_evaluate_writes_one_row_per_setting(ckpt, tmp_path):
     main(["evaluate", "-c", TINY, "--ckpt_path", ckpt, "--steps", "[1, 4]", "--temperatures", "[1.0, 0.5]",
-          "--num_samples", "32", "--cache", "true", "--output_dir", str(tmp_path)])
+          "--sampling.num_samples", "32", "--sampling.cache", "true", "--output_dir", str(tmp_path)])
     data, *rows = json.loads((tmp_path / "evaluation.json").read_text())
     with open(tmp_path / "evaluation.csv") as f:
         assert len(list(csv.DictReader(f))) == 5
@@ -61,9 +61,9 @@ def test_evaluate_writes_one_row_per_setting(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "num_steps=0"),
-    (["--top_p", "1.5"], "top_p=1.5"),
-    (["--precision", "float16"], "precision"),
+    (["--sampling.steps", "0"], "num_steps=0"),
+    (["--sampling.top_p", "1.5"], "top_p=1.5"),
+    (["--sampling.precision", "float16"], "precision"),
 ])
 def test_bad_sampling_arguments_fail_before_work(ckpt, tmp_path, args, message):
     with pytest.raises(ValueError, match=message):

@@ -1,5 +1,8 @@
 """torchmetrics Metric subclasses with summed states (correct under DDP).
 
+Metrics load none of the project's models: evaluator LMs are built by the evaluation code
+(``lightning_ddd.evaluation.load_evaluator``) and handed in, so this package imports nothing above it.
+
 torch-fidelity and transformers are imported only when a metric needs them; the ``digits-cnn`` feature
 extractor lives in ``lightning_ddd.metrics.digits_classifier`` (importing it registers it).
 """
@@ -15,7 +18,6 @@ from lightning_ddd.metrics.perplexity import (
     HFCausalLMEvaluator,
     OracleEvaluator,
     TorchEvaluator,
-    load_evaluator,
 )
 
 __all__ = [
@@ -32,6 +34,5 @@ __all__ = [
     "TorchEvaluator",
     "dataset_reference",
     "frechet_distance",
-    "load_evaluator",
     "unigram_entropy",
 ]

@@ -5,13 +5,12 @@ kinds: ``HFCausalLMEvaluator`` (any Hugging Face causal LM, GPT-2 large by conve
 text, retokenizes it and skips each text's first token), ``ARModelEvaluator`` (an ``ARLanguageModel``
 this project trained on the same data; reads token ids) and ``OracleEvaluator`` (the exact density of
 synthetic data). Evaluators are plain objects, not modules: a metric or callback that holds one never
-puts its weights in a checkpoint, and deep copies (EMA, ``Metric.clone``) share it. ``load_evaluator``
-builds each one once per process.
+puts its weights in a checkpoint, and deep copies (EMA, ``Metric.clone``) share it. Metrics never load
+models: ``lightning_ddd.evaluation.load_evaluator`` builds each evaluator once per process and hands it over.
 """
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
@@ -77,28 +76,20 @@ class OracleEvaluator(Evaluator):
 
 
 class ARModelEvaluator(TorchEvaluator):
-    """An ``ARLanguageModel`` checkpoint trained on the same data; every token is scored (it models the first
-    token after BOS).
+    """A left-to-right model trained on the same data (an ``ARLanguageModel``); every token is scored (it
+    models the first token after BOS). Build one from a checkpoint with
+    ``lightning_ddd.evaluation.load_ar_evaluator``.
 
     Args:
-        ckpt_path: checkpoint written by ``python -m lightning_ddd fit`` with ``model: ARLanguageModel``.
-        device: where to run it (default CPU).
+        model: a module with ``sequence_log_prob((N, D) ids) -> (N,)`` and ``vocab_size``; frozen here.
+        name: what results record as the evaluator (e.g. the checkpoint path).
         batch_size: sequences per forward pass.
     """
 
-    def __init__(self, ckpt_path: str, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
-        from lightning_ddd.checkpoints import CheckpointError, checkpoint_class, validate_checkpoint
-        from lightning_ddd.modules.autoregressive import ARLanguageModel  # lazy: modules import metrics
-
-        found = checkpoint_class(validate_checkpoint(ckpt_path))
-        if found is not None and not issubclass(found, ARLanguageModel):
-            raise CheckpointError(
-                f"evaluator checkpoint '{ckpt_path}' holds a {found.__name__}, not an ARLanguageModel; train one "
-                "with configs/quickstart/ar_evaluator.yaml."
-            )
-        self.model = ARLanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu").to(device).eval()
+    def __init__(self, model: nn.Module, name: str = "ar-model", batch_size: int = 64) -> None:
+        self.model = model.eval()
         self.model.requires_grad_(False)
-        self.name = ckpt_path
+        self.name = name
         self.batch_size = batch_size
 
     def score(self, samples: Samples) -> tuple[Tensor, Tensor]:
@@ -120,7 +111,7 @@ class HFCausalLMEvaluator(TorchEvaluator):
     each window's first token is not scored (it has no context), as in the field's generative perplexity.
 
     Args:
-        name_or_path: hub name or local folder of the model and tokenizer (needs ``pip install transformers``).
+        name_or_path: hub name or local folder of the model and tokenizer (needs the ``text`` extra).
         device: where to run it.
         batch_size: windows per forward pass.
         max_length: window length (default: the model's context size).
@@ -139,9 +130,9 @@ class HFCausalLMEvaluator(TorchEvaluator):
                 import transformers
             except ImportError as err:
                 raise ImportError(
-                    f"the evaluator '{name_or_path}' is a Hugging Face model and needs the 'transformers' package: "
-                    "pip install transformers (or pip install 'lightning_ddd[text]'); offline, use an "
-                    "ARLanguageModel checkpoint or 'oracle' instead."
+                    f"the evaluator '{name_or_path}' is a Hugging Face model and needs transformers, which is not "
+                    'installed: pip install "lightning_ddd[text]"; offline, use an ARLanguageModel checkpoint or '
+                    "'oracle' instead."
                 ) from err
             tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
             dtype = getattr(torch, torch_dtype) if torch_dtype else None
@@ -186,36 +177,6 @@ def _as_tokens(samples: Samples, evaluator: Evaluator) -> Tensor:
     return samples.long()
 
 
-_EVALUATORS: dict[tuple, Evaluator] = {}
-
-
-def load_evaluator(spec: str, datamodule=None, device: str | torch.device = "cpu", batch_size: int = 16) -> Evaluator:
-    """Build (once per process) the evaluator that ``spec`` names.
-
-    Args:
-        spec: ``"oracle"`` (the data's exact density), the path of an ``ARLanguageModel`` checkpoint file, or a
-            Hugging Face model name or folder (e.g. ``"gpt2-large"``).
-        datamodule: the data (needed by ``"oracle"``).
-        device: where to run a model evaluator.
-        batch_size: sequences per forward pass.
-    """
-    if spec == "oracle":
-        if datamodule is None:
-            raise ValueError("the oracle evaluator needs the DataModule.")
-        return OracleEvaluator(datamodule)
-    device = torch.device(device)
-    if os.path.isfile(spec):
-        stat = os.stat(spec)
-        key = ("ar", os.path.abspath(spec), stat.st_mtime_ns, str(device), batch_size)
-        if key not in _EVALUATORS:
-            _EVALUATORS[key] = ARModelEvaluator(spec, device, batch_size)
-    else:
-        key = ("hf", spec, str(device), batch_size)
-        if key not in _EVALUATORS:
-            _EVALUATORS[key] = HFCausalLMEvaluator(spec, device, batch_size)
-    return _EVALUATORS[key]
-
-
 class GenerativePerplexity(Metric):
     """Token-weighted generative perplexity: summed NLL and token counts are all-reduced, then divided.
 
@@ -223,7 +184,8 @@ class GenerativePerplexity(Metric):
     a list of texts. ``compute()`` returns ``{"gen_nll": nats per token, "gen_ppl": exp(gen_nll)}``.
 
     Args:
-        evaluator: the scoring model (``load_evaluator``); held by reference, never in ``state_dict``.
+        evaluator: the scoring model (``lightning_ddd.evaluation.load_evaluator``); held by reference, never
+            in ``state_dict``.
         decode: (N, D) ids -> N texts, for text evaluators (e.g. ``datamodule.decode``).
     """
 

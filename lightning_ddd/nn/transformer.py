@@ -312,7 +312,7 @@ class DenoisingTransformer(nn.Module):
                 nn.init.zeros_(block.ada[1].bias)
         if cond_dim > 0:
             self.add_cond_input(cond_dim)
-        self._register_load_state_dict_pre_hook(self._fill_missing_positions)
+        self.register_load_state_dict_pre_hook(DenoisingTransformer._fill_missing_positions)  # hook(module, ...)
 
     def _fill_missing_positions(self, state_dict: dict, prefix: str, *args) -> None:
         """Checkpoints written before absolute positions existed load with a zero table: the same model."""
