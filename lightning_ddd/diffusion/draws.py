@@ -109,7 +109,7 @@ def sample_rows(
             classes, by_class = classes.sort(dim=-1)
             x, by_value = x.gather(-1, by_class).sort(dim=-1, descending=True, stable=True)
             classes = classes.gather(-1, by_value)
-        probs = x.sub_(x[:, :1]).exp_()  # (n, K) sorted, the first is the row maximum at 1
+        probs = x.sub_(x[:, :1].clone()).exp_()  # (n, K) sorted: the first is the row maximum, now 1
         probs.div_(probs.sum(dim=-1, keepdim=True))  # normalised over the candidates
         mass_before = probs.cumsum(dim=-1).sub_(probs)  # mass of the strictly more likely classes
         count = (mass_before < top_p - TOP_P_TOL).sum(dim=-1).clamp_min_(1)  # (n,) the kept prefix; >= argmax
