@@ -8,7 +8,7 @@ tiny width, so what is measured is the diffusion code around it, not the network
 
 Sections (``--section``, default all):
     sampling: ancestral sampling with a masked teacher, B in {1, 8, 16}, float64 and float32, 4 steps; also
-        reports seconds per step.
+        reports wall-clock and CPU seconds per step (CPU time is the steadier figure on a shared machine).
     training: one training step (forward, backward, AdamW) of the masked teacher with the t-DCE loss at B = 4.
 
 Each section is a function that returns its list of cases; a case is a dict naming a worker in ``WORKERS`` and
@@ -70,8 +70,10 @@ def _tiny_denoiser(m: dict[str, Any], case: dict[str, Any]):
 
 
 def work_baseline(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
-    """Imports only."""
-    return {}
+    """Imports only; reports where the package came from (a run against another checkout shows it)."""
+    import lightning_ddd
+
+    return {"package": str(Path(lightning_ddd.__file__).resolve().parent)}
 
 
 def work_sampling(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
@@ -81,16 +83,16 @@ def work_sampling(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
     net.eval()
     generator = torch.Generator(device=case["device"]).manual_seed(0)
     _sync(torch, case["device"])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = m["sample"](
         denoise, process, case["B"], case["D"], case["steps"], precision=case["precision"], generator=generator,
         device=case["device"], cache=case.get("cache", False), top_p=case.get("top_p", 1.0),
         top_k=case.get("top_k", 0), temperature=case.get("temperature", 1.0),
     )
     _sync(torch, case["device"])
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     assert out.tokens.shape == (case["B"], case["D"]) and int(out.tokens.max()) < case["V"]
-    return {"s_per_step": seconds / case["steps"]}
+    return {"s_per_step": seconds / case["steps"], "cpu_s_per_step": cpu_seconds / case["steps"]}
 
 
 def work_teacher_step(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
@@ -102,12 +104,12 @@ def work_teacher_step(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]
     generator = torch.Generator(device=case["device"]).manual_seed(0)
     x = torch.randint(case["V"], (case["B"], case["D"]), generator=generator, device=case["device"])
     _sync(torch, case["device"])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss = m["TimeDCE"]()(denoise, x, process, generator).float().mean() / case["D"]
     loss.backward()
     optimizer.step()
     _sync(torch, case["device"])
-    return {"s_per_step": time.perf_counter() - start}
+    return {"s_per_step": time.perf_counter() - start, "cpu_s_per_step": time.process_time() - cpu_start}
 
 
 WORKERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]] = {
@@ -196,7 +198,7 @@ def table(rows: list[tuple[dict[str, Any], dict[str, Any]]], baseline: dict[str,
     cuda = any("cuda" in r for _, r in rows)
     head = ["case", "B", "precision", "peak RSS above baseline (GB)", "x fp32 (B, D, V)"]
     head += ["peak CUDA (GB)", "CUDA x fp32 (B, D, V)"] if cuda else []
-    head += ["s / step"]
+    head += ["s / step", "CPU s / step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, res in rows:
         unit = 4 * case["B"] * case["D"] * case["V"]
@@ -209,6 +211,7 @@ def table(rows: list[tuple[dict[str, Any], dict[str, Any]]], baseline: dict[str,
             if cuda:
                 cells += [f"{res['cuda'] / 1e9:.2f}", f"{res['cuda'] / unit:.2f}"] if "cuda" in res else ["", ""]
             cells.append(f"{res['s_per_step']:.2f}")
+            cells.append(f"{res['cpu_s_per_step']:.2f}" if "cpu_s_per_step" in res else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -234,8 +237,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one JSON-encoded case
     args = parser.parse_args(argv)
-    if args.quick:
-        args.vocab_size, args.seq_len, args.batch_sizes, args.steps = 512, 64, [1, 4], 2
+    if args.quick:  # small sizes unless given explicitly
+        args.vocab_size, args.seq_len, args.steps = 512, 64, 2
+        args.batch_sizes = [1, 4] if args.batch_sizes == parser.get_default("batch_sizes") else args.batch_sizes
     return args
 
 
@@ -249,6 +253,7 @@ def main(argv: list[str] | None = None) -> str:
     baseline = run_child({"worker": "baseline", **common}, args.timeout)
     if "error" in baseline:
         raise SystemExit(f"the import-only child failed: {baseline['error']}")
+    print(f"measuring the lightning_ddd package in {baseline['package']}", file=sys.stderr, flush=True)
     sections = list(SECTIONS) if args.section == "all" else [args.section]
     rows = []
     for section in sections:
@@ -257,8 +262,8 @@ def main(argv: list[str] | None = None) -> str:
             rows.append((case, run_child(case, args.timeout)))
             print(f"done: {describe(case)}, B={case['B']}, {case['precision']}", file=sys.stderr, flush=True)
     text = (
-        f"V = {args.vocab_size}, D = {args.seq_len}, 1-layer backbone (d_model = {args.d_model}), device {args.device}; "
-        f"import baseline {baseline['rss'] / 1e9:.2f} GB RSS\n\n" + table(rows, baseline)
+        f"V = {args.vocab_size}, D = {args.seq_len}, 1-layer backbone (d_model = {args.d_model}), "
+        f"device {args.device}; import baseline {baseline['rss'] / 1e9:.2f} GB RSS\n\n" + table(rows, baseline)
     )
     print(text)
     return text

@@ -227,7 +227,6 @@ def sample(
         raise ValueError("cache=True cannot be combined with step_condition: a fresh per-step input breaks the cache.")
     _check_fixed(fixed, num_samples, seq_len, process.vocab_size)
     dtype = resolve_precision(precision)
-    filtering = temperature != 1.0 or top_p < 1.0 or 0 < top_k < process.vocab_size
     B, D, V, n = num_samples, seq_len, process.vocab_size, num_steps
 
     with torch.no_grad():
