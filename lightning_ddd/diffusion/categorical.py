@@ -1,7 +1,9 @@
 """Categorical draws with an explicit precision.
 
 Gumbel-max in float32 truncates the noise tail and acts like a lower temperature (it lowers generative
-perplexity and diversity), so sampling runs in float64 unless the caller asks otherwise.
+perplexity and diversity); inversion of a float32 cumulative sum resolves masses only down to about 2^-24 of the
+row. So sampling runs in float64 unless the caller asks otherwise. The samplers draw by inverse CDF (one uniform
+per row rather than one Gumbel per class); ``sample_categorical`` keeps Gumbel-max for the training losses.
 """
 
 from __future__ import annotations
