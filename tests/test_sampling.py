@@ -576,14 +576,21 @@ def test_sampler_allocates_no_full_size_temporaries(monkeypatch, cls, cache, fil
     torch.manual_seed(0)
     head = nn.Linear(process.num_input_tokens, V)
 
-    def denoiser(z, t):
+    def denoiser(z, t, *cond):
         with _disable_current_modes():  # the backbone's own allocations are not the sampler's
             logits = head(nn.functional.one_hot(z, process.num_input_tokens).float())  # (B, D, V)
+            if cond:  # a student's per-step input
+                logits = logits + cond[0][:, :1, None]
         return process.x0_log_probs(logits, z)  # in place under no_grad, chunk by chunk
 
+    # Students sample through the step_condition hook (not combinable with the cache).
+    step_condition = None if cache else (lambda num, g: torch.randn(num, 2, generator=g))
     spy = LargestAllocation()
     with spy:
-        out = sample(denoiser, process, B, D, n, cache=cache, generator=torch.Generator().manual_seed(0), **filters)
+        out = sample(
+            denoiser, process, B, D, n, cache=cache, step_condition=step_condition,
+            generator=torch.Generator().manual_seed(0), **filters,
+        )
     assert (out.tokens < V).all()
     big = [size for size in spy.sizes if size > max(B * D, 2 * V)]
     assert big == [], big  # a (B, D, V) or (D, V) temporary would show here
