@@ -8,6 +8,8 @@ import pytest
 import torch
 from scipy.stats import chi2
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
 
 from lightning_ddd.diffusion import LinearSchedule, LogLinearSchedule, MaskedProcess, UniformProcess
 from lightning_ddd.diffusion.sampling import SampleOutput, filter_logits, sample, validate_sampling_args
@@ -98,11 +100,22 @@ def joint(per_dim):
     return functools.reduce(lambda a, b: torch.outer(a, b).flatten(), per_dim)
 
 
-def tempered(log_p, temperature):
-    return torch.softmax(log_p / temperature, -1)
+def tempered(log_p, temperature, top_k=0, top_p=1.0):
+    """Filtered probabilities of one row by hand: temperature, then the top k, then the smallest top set
+    holding top_p of the mass (the random tables have no ties)."""
+    p = torch.softmax(log_p / temperature, -1)
+    order = p.argsort(descending=True)
+    if 0 < top_k < p.numel():
+        p[order[top_k:]] = 0.0
+        p = p / p.sum()
+    if top_p < 1.0:
+        kept = int((p[order].cumsum(0) < top_p - 1e-12).sum()) + 1  # the prefix whose mass reaches top_p
+        p[order[kept:]] = 0.0
+        p = p / p.sum()
+    return p
 
 
-def exact_masked(table, V, D, n, temperature=1.0):
+def exact_masked(table, V, D, n, temperature=1.0, **filters):
     """Exact output distribution (V^D,) of the n-step masked sampler by propagating all (V+1)^D states."""
     all_states = states(V + 1, D)
     index = {z: i for i, z in enumerate(all_states)}
@@ -119,7 +132,7 @@ def exact_masked(table, V, D, n, temperature=1.0):
             for d, zd in enumerate(z):
                 q = torch.zeros(V + 1, dtype=torch.float64)
                 if zd == V:
-                    q[:V] = r * tempered(table[i, d], temperature)
+                    q[:V] = r * tempered(table[i, d], temperature, **filters)
                     q[V] = 1.0 - r
                 else:
                     q[zd] = 1.0
@@ -129,7 +142,7 @@ def exact_masked(table, V, D, n, temperature=1.0):
     return torch.stack([p[index[x]] for x in states(V, D)])
 
 
-def exact_uniform(table, V, D, n, temperature=1.0):
+def exact_uniform(table, V, D, n, temperature=1.0, **filters):
     """Exact output distribution (V^D,) of the n-step uniform sampler (uniform prior, Bayes-rule posteriors)."""
     all_states = states(V, D)
     p = torch.full((len(all_states),), 1.0 / len(all_states), dtype=torch.float64)
@@ -148,7 +161,7 @@ def exact_uniform(table, V, D, n, temperature=1.0):
         for i, z in enumerate(all_states):
             per_dim = []
             for d, zd in enumerate(z):
-                px = tempered(table[k, i, d], temperature)
+                px = tempered(table[k, i, d], temperature, **filters)
                 if k == 1:
                     per_dim.append(px)  # the last step returns x_hat
                 else:
@@ -316,6 +329,37 @@ def test_uniform_sampler_matches_exact_distribution(temperature):
         den = TableDenoiser(tables[n], V, num_steps=n)
         out = sample(den, UniformProcess(V), N, D, n, temperature=temperature, generator=g)
         assert_matches(empirical(out.tokens, V), probs)
+
+
+FILTERS = [{"top_k": 2}, {"top_p": 0.6}, {"temperature": 0.8, "top_k": 2, "top_p": 0.75}]
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("filters", FILTERS, ids=str)
+def test_masked_sampler_with_filters_matches_exact_distribution(filters, precision):
+    """The token law of the sampler (draws only at unmasking positions, in chunks) is the exact n-step law."""
+    V, D, N, n = 3, 2, 40_000, 2
+    table = masked_table(V, D, seed=11, scale=1.0)
+    probs = exact_masked(table, V, D, n, **filters)
+    assert separation(probs, exact_masked(table, V, D, n), N) > 200  # the filter changes the law visibly
+    g = torch.Generator().manual_seed(30)
+    den = TableDenoiser(table, V + 1)
+    out = sample(den, MaskedProcess(V), N, D, n, generator=g, precision=precision, **filters)
+    assert_matches(empirical(out.tokens, V), probs)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("filters", FILTERS, ids=str)
+def test_uniform_sampler_with_filters_matches_exact_distribution(filters, precision):
+    """The same for the uniform process, whose posterior is drawn one mixture component per position."""
+    V, D, N, n = 3, 2, 40_000, 2
+    table = uniform_table(V, D, n, seed=12, scale=1.0)
+    probs = exact_uniform(table, V, D, n, **filters)
+    assert separation(probs, exact_uniform(table, V, D, n), N) > 200
+    g = torch.Generator().manual_seed(31)
+    den = TableDenoiser(table, V, num_steps=n)
+    out = sample(den, UniformProcess(V), N, D, n, generator=g, precision=precision, **filters)
+    assert_matches(empirical(out.tokens, V), probs)
 
 
 def test_masked_many_steps_approaches_any_order_mixture():
@@ -495,3 +539,58 @@ def test_top_k_one_is_greedy_and_progress_bar_runs():
     den = lambda z, t: process.x0_log_probs(base.expand(z.shape[0], D, V), z)
     out = sample(den, process, 4, D, 3, top_k=1, progress=True)
     assert torch.equal(out.tokens, base.argmax(-1).expand(4, D))
+
+
+# ----------------------------------------------------------------------------------------------
+# (k) bounded memory: no (B, D, V) temporaries beyond the network output
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the element counts of every tensor an op creates (outputs sharing an input's storage, i.e.
+    views and in-place results, are not new memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append(t.numel())
+        return out
+
+
+@pytest.mark.parametrize("cls, cache", [(MaskedProcess, False), (MaskedProcess, True), (UniformProcess, False)])
+@pytest.mark.parametrize("filters", [{}, {"temperature": 0.7, "top_k": 5, "top_p": 0.9}], ids=str)
+def test_sampler_allocates_no_full_size_temporaries(monkeypatch, cls, cache, filters):
+    """Beyond the backbone's logits, a step allocates O(B D) and O(chunk V): here at most 2 rows of V."""
+    from lightning_ddd.diffusion import draws, processes
+
+    B, D, V, n = 4, 16, 64, 3
+    monkeypatch.setattr(draws, "CHUNK_ELEMENTS", 2 * V)
+    monkeypatch.setattr(processes, "_CHUNK_ELEMENTS", 2 * V)
+    process = cls(V)
+    torch.manual_seed(0)
+    head = nn.Linear(process.num_input_tokens, V)
+
+    def denoiser(z, t, *cond):
+        with _disable_current_modes():  # the backbone's own allocations are not the sampler's
+            logits = head(nn.functional.one_hot(z, process.num_input_tokens).float())  # (B, D, V)
+            if cond:  # a student's per-step input
+                logits = logits + cond[0][:, :1, None]
+        return process.x0_log_probs(logits, z)  # in place under no_grad, chunk by chunk
+
+    # Students sample through the step_condition hook (not combinable with the cache).
+    step_condition = None if cache else (lambda num, g: torch.randn(num, 2, generator=g))
+    spy = LargestAllocation()
+    with spy:
+        out = sample(
+            denoiser, process, B, D, n, cache=cache, step_condition=step_condition,
+            generator=torch.Generator().manual_seed(0), **filters,
+        )
+    assert (out.tokens < V).all()
+    big = [size for size in spy.sizes if size > max(B * D, 2 * V)]
+    assert big == [], big  # a (B, D, V) or (D, V) temporary would show here

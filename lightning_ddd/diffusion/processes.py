@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_ddd.diffusion.categorical import sample_categorical
+from lightning_ddd.diffusion.categorical import resolve_precision, sample_categorical
 from lightning_ddd.diffusion.schedules import LogLinearSchedule, NoiseSchedule
 
 
@@ -68,7 +68,12 @@ class DiscreteProcess(ABC):
 
     @abstractmethod
     def x0_log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
-        """Turn backbone logits (B, D, V) into fp32 log p_theta(x | z_t) (B, D, V)."""
+        """Turn backbone logits (B, D, V) into fp32 log p_theta(x | z_t) (B, D, V).
+
+        With autograd off (``torch.no_grad``, inference mode) an fp32 ``logits`` tensor that is not a view is
+        overwritten and returned, in row chunks: at V = 50k and D = 1024 a second (B, D, V) tensor costs
+        gigabytes. Pass a copy if the raw logits are needed afterwards.
+        """
 
     def corrupt(self, x: Tensor, t: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draw z_t ~ q(z_t | x) for (B, D) clean ids."""
@@ -83,7 +88,11 @@ class DiscreteProcess(ABC):
         generator: torch.Generator | None = None,
         precision: str = "float64",
     ) -> Tensor:
-        """Draw z_s ~ q(z_s | z_t, x0) for (B, D) clean ids ``x0``."""
+        """Draw z_s ~ q(z_s | z_t, x0) for (B, D) clean ids ``x0``, in ``precision``.
+
+        This generic version draws from ``posterior_probs`` with a (B, D, V_in) tensor; the processes below
+        override it with O(B D) draws.
+        """
         onehot = F.one_hot(x0, self.vocab_size).to(torch.float64)
         return sample_categorical(self.posterior_probs(z_t, onehot, s, t).log(), generator, precision)
 
@@ -136,13 +145,32 @@ class MaskedProcess(DiscreteProcess):
     def prior_sample(self, batch_size, seq_len, generator=None, device="cpu") -> Tensor:
         return torch.full((batch_size, seq_len), self.mask_id, dtype=torch.long, device=device)
 
+    def posterior_sample(
+        self,
+        z_t: Tensor,
+        x0: Tensor,
+        s: float | Tensor,
+        t: float | Tensor,
+        generator: torch.Generator | None = None,
+        precision: str = "float64",
+    ) -> Tensor:
+        """One Bernoulli per position: a masked z_t dimension becomes x0 w.p. (alpha_s - alpha_t)/(1 - alpha_t)."""
+        dtype = resolve_precision(precision)
+        alpha_s = self.schedule.alpha(_per_row(s, z_t))  # (B, 1) float64
+        alpha_t = self.schedule.alpha(_per_row(t, z_t))
+        unmask = ((alpha_s - alpha_t) / (1.0 - alpha_t)).to(dtype)  # (B, 1)
+        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=dtype)  # (B, D)
+        return torch.where((z_t == self.mask_id) & (u < unmask), x0, z_t)
+
     def x0_log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
+        carried = (z_t != self.mask_id).unsqueeze(-1)  # (B, D, 1)
+        index = z_t.clamp_max(self.vocab_size - 1).unsqueeze(-1)  # (B, D, 1)
+        if not torch.is_grad_enabled():
+            return _log_softmax_in_place(_writable_fp32(logits), carried, index)
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # the mask is never predicted: V outputs only
         # Unmasked positions carry their token with probability one. Built with one masked_fill and a scatter
         # (no (B, D, V) one-hot): at V = 50k and D = 1024 every extra full-size tensor costs gigabytes.
-        carried = (z_t != self.mask_id).unsqueeze(-1)  # (B, D, 1)
         out = log_probs.masked_fill(carried, float("-inf"))
-        index = z_t.clamp_max(self.vocab_size - 1).unsqueeze(-1)  # (B, D, 1)
         value = torch.where(carried, 0.0, log_probs.gather(-1, index))
         return out.scatter_(-1, index, value)  # in place: masked_fill does not need its output for backward
 
@@ -179,6 +207,37 @@ class UniformProcess(DiscreteProcess):
         ratio = x0_probs / c
         return a * (alpha_s * ratio + (1.0 - alpha_s) / V * ratio.sum(-1, keepdim=True))
 
+    def posterior_sample(
+        self,
+        z_t: Tensor,
+        x0: Tensor,
+        s: float | Tensor,
+        t: float | Tensor,
+        generator: torch.Generator | None = None,
+        precision: str = "float64",
+    ) -> Tensor:
+        """Draw z_s ~ q(z_s | z_t, x0) by one mixture-component draw per position (no (B, D, V) tensor).
+
+        Expanding q(z_s | z_t, x) ∝ [a_ts 1(z_s = z_t) + (1 - a_ts)/V] [a_s 1(z_s = x) + (1 - a_s)/V] with
+        a_ts = alpha_t / alpha_s gives a mixture of a point mass at z_t with weight
+        a_ts (1 - a_s)/V + a_ts a_s 1(z_t = x), a point mass at x with weight (1 - a_ts) a_s / V and the uniform
+        distribution with weight (1 - a_ts)(1 - a_s)/V; the weights sum to q(z_t | x). One uniform picks the
+        component, one random id serves the uniform one.
+        """
+        dtype, V = resolve_precision(precision), self.vocab_size
+        alpha_s = self.schedule.alpha(_per_row(s, z_t))  # (B, 1) float64
+        alpha_t = self.schedule.alpha(_per_row(t, z_t))
+        alpha_ts = alpha_t / alpha_s
+        same = (z_t == x0).to(torch.float64)  # (B, D)
+        w_stay = alpha_ts * (1.0 - alpha_s) / V + alpha_ts * alpha_s * same  # (B, D)
+        w_clean = (1.0 - alpha_ts) * alpha_s / V  # (B, 1)
+        w_uniform = (1.0 - alpha_ts) * (1.0 - alpha_s) / V  # (B, 1)
+        total = w_stay + w_clean + w_uniform  # (B, D) = q(z_t | x0)
+        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=dtype) * total.to(dtype)
+        noise = torch.randint(V, z_t.shape, generator=generator, device=z_t.device)  # (B, D)
+        w_stay = w_stay.to(dtype)
+        return torch.where(u < w_stay, z_t, torch.where(u < w_stay + w_clean.to(dtype), x0, noise))
+
     def prior_sample(self, batch_size, seq_len, generator=None, device="cpu") -> Tensor:
         return torch.randint(self.vocab_size, (batch_size, seq_len), generator=generator, device=device)
 
@@ -188,4 +247,38 @@ class UniformProcess(DiscreteProcess):
         return torch.xlogy(q, q * self.vocab_size).sum(dim=(-1, -2))
 
     def x0_log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return _log_softmax_in_place(_writable_fp32(logits))
         return torch.log_softmax(logits.float(), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference-mode x0_log_probs: one (B, D, V) buffer, normalised a chunk of rows at a time
+
+#: Elements per chunk of the in-place log-softmax (2**21 fp32: 8 MB of temporaries).
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def _writable_fp32(logits: Tensor) -> Tensor:
+    """``logits`` as fp32 we may overwrite: the tensor itself when it is a contiguous fp32 non-view, else a copy."""
+    out = logits.float()
+    if out is logits and (out._base is not None or not out.is_contiguous()):
+        out = out.clone(memory_format=torch.contiguous_format)  # a view may share memory with other state
+    return out
+
+
+def _log_softmax_in_place(out: Tensor, carried: Tensor | None = None, index: Tensor | None = None) -> Tensor:
+    """Log-softmax ``out`` (B, D, V) in place, chunk by chunk; rows with ``carried`` (B, D, 1) become one-hot at
+    ``index`` (B, D, 1): log-prob 0 there, -inf elsewhere."""
+    V = out.shape[-1]
+    flat = out.view(-1, V)  # (B*D, V)
+    step = max(1, _CHUNK_ELEMENTS // V)
+    for start in range(0, flat.shape[0], step):
+        rows = flat[start : start + step]  # (n, V) view
+        rows.copy_(torch.log_softmax(rows, dim=-1))  # the same values as one log_softmax over all rows
+        if carried is not None:
+            keep = carried.view(-1, 1)[start : start + step]  # (n, 1)
+            idx = index.view(-1, 1)[start : start + step]  # (n, 1)
+            rows.masked_fill_(keep, float("-inf"))
+            rows.scatter_(-1, idx, torch.where(keep, 0.0, rows.gather(-1, idx)))
+    return out

@@ -3,13 +3,19 @@
 One step from t to s < t on the uniform grid t_k = k / n draws a clean guess x_hat ~ p_theta(. | z_t) per
 dimension and then z_s ~ q(z_s | z_t, x_hat) from the forward process's exact posterior; the last step
 (s = 0) returns x_hat at every free position. Every categorical draw runs in ``precision`` (float64 by
-default; see ``categorical.py`` for why float32 Gumbel noise acts like a lower temperature).
+default; see ``categorical.py`` for why low-precision noise biases the draws).
 
 For the masked process the posterior draw is split into "does this masked dimension unmask?" (a uniform
 draw against (alpha_s - alpha_t) / (1 - alpha_t)) and "to which token?" (x_hat). The split is exact, and
-because the unmasking decision comes first, the RADD caching sampler (Ou et al., 2025) can skip the
-network in every step where a sequence unmasks nothing, while consuming the same random numbers as the
-uncached sampler: both return identical tokens for the same seed.
+because the unmasking decision comes first, x_hat is drawn only at the positions that unmask in the step,
+and the RADD caching sampler (Ou et al., 2025) can skip the network in every step where a sequence unmasks
+nothing, while consuming the same random numbers as the uncached sampler: both return identical tokens for
+the same seed. For the uniform process x_hat is drawn at every free position and z_s ~ q(z_s | z_t, x_hat)
+by one mixture-component draw per position (``UniformProcess.posterior_sample``).
+
+Memory: beyond the network's own (B, D, V) output a step allocates O(B D) plus O(chunk V) for the rows it
+draws (``draws.sample_positions``); nothing else of size (B, D, V). The caching sampler keeps one (B, D, V)
+cache, which is the network output itself whenever every row is evaluated.
 
 Shapes: token ids (B, D) long; log-probabilities (B, D, V).
 """
@@ -25,17 +31,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_ddd.diffusion.categorical import resolve_precision, sample_categorical
+from lightning_ddd.diffusion.categorical import resolve_precision
+from lightning_ddd.diffusion.draws import TOP_P_TOL, sample_positions
 from lightning_ddd.diffusion.processes import DiscreteProcess, MaskedProcess
 
 __all__ = ["SampleOutput", "StepCondition", "filter_logits", "sample", "validate_sampling_args"]
 
 #: ``cond = step_condition(num_samples, generator)``: a fresh per-step input for a distilled student.
 StepCondition = Callable[[int, "torch.Generator | None"], Any]
-
-# Nucleus filtering compares a cumulative sum of exp(log p) against top_p; round-off of ~1e-16 per term
-# must not decide whether a token whose preceding mass is exactly top_p (e.g. 0.5 + 0.3 vs 0.8) is kept.
-_TOP_P_TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ def filter_logits(log_probs: Tensor, temperature: float = 1.0, top_p: float = 1.
         sorted_lp, order = out.sort(dim=-1, descending=True, stable=True)  # (..., V)
         probs = sorted_lp.exp()
         mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely classes
-        drop_sorted = mass_before >= top_p - _TOP_P_TOL
+        drop_sorted = mass_before >= top_p - TOP_P_TOL
         drop_sorted[..., 0] = False  # the argmax always survives
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         out = torch.log_softmax(out.masked_fill(drop, -math.inf), dim=-1)
@@ -189,7 +192,8 @@ def sample(
             runs on a sequence only in steps where it unmasks at least one position and its z_t changed
             since its last evaluation (otherwise the cached log-probs are reused), so its NFE is the number
             of distinct steps in which it unmasks something: n (1 - (1 - 1/n)^D) in expectation under the
-            log-linear schedule. Tokens are identical to ``cache=False`` for the same seed.
+            log-linear schedule. Tokens are identical to ``cache=False`` for the same seed. The sampler
+            keeps (and writes into) the tensor the denoiser returns, unless it is a view: return a fresh one.
         step_condition: called once per step as ``cond = step_condition(num_samples, generator)``; the
             denoiser then gets ``cond`` as a third argument (distilled students' fresh lambda or noise).
         fixed: (B, D) long, -1 at free positions, else the token to keep there (prefix or infilling).
@@ -223,7 +227,6 @@ def sample(
         raise ValueError("cache=True cannot be combined with step_condition: a fresh per-step input breaks the cache.")
     _check_fixed(fixed, num_samples, seq_len, process.vocab_size)
     dtype = resolve_precision(precision)
-    filtering = temperature != 1.0 or top_p < 1.0 or 0 < top_k < process.vocab_size
     B, D, V, n = num_samples, seq_len, process.vocab_size, num_steps
 
     with torch.no_grad():
@@ -233,10 +236,12 @@ def sample(
             fixed = fixed.to(device=device, dtype=torch.long)
             is_fixed = fixed >= 0  # (B, D)
             z = torch.where(is_fixed, fixed, z)
+        # Uniform: x_hat is drawn at every free position, every step.
+        free = None if masked else (torch.arange(B * D, device=device) if is_fixed is None else _flat(~is_fixed))
         nfe = torch.zeros(B, dtype=torch.long, device=device)
         # changed[b]: z_t[b] differs from the input its cached log-probs were computed on (or there are none).
         changed = torch.ones(B, dtype=torch.bool, device=device)
-        log_probs: Tensor | None = None  # (B, D, V): the latest network output of every row
+        cached: Tensor | None = None  # (B, D, V): the latest network output of every row (cache=True)
 
         for k in tqdm(range(n, 0, -1), total=n, desc="sampling", disable=not progress, leave=False):
             t, s, last = k / n, (k - 1) / n, k == 1
@@ -246,7 +251,8 @@ def sample(
             update = None  # (B, D) masked dimensions that take x_hat in this step (masked process)
             if masked:
                 # Which masked dimensions unmask is drawn before (and independently of) the network call,
-                # so the cached and uncached samplers consume the random stream identically.
+                # so the cached and uncached samplers consume the random stream identically, and x_hat is
+                # drawn only where it is used.
                 still_masked = z == process.mask_id  # (B, D)
                 if last:
                     update = still_masked  # s = 0: every remaining mask takes x_hat
@@ -258,35 +264,71 @@ def sample(
                 log_probs = _call(denoiser, z, t_batch, step_condition is not None, cond, (B, D, V))
                 nfe += 1
             else:
-                # RADD: evaluate only rows that unmask something now and whose z_t changed since their last
-                # evaluation; a row that unmasks nothing does not need p_theta at all in this step.
-                rows = update.any(dim=-1) & changed  # (B,)
-                if bool(rows.any()):
-                    idx = rows.nonzero().squeeze(-1)  # (R,)
-                    out = _call(denoiser, z[idx], t_batch[idx], False, None, (idx.numel(), D, V))  # (R, D, V)
-                    if log_probs is None:
-                        # Our own buffer (the output may be a view); rows never evaluated are never used.
-                        log_probs = out.new_zeros(B, D, V)
-                    log_probs[idx] = out
-                    nfe[idx] += 1
-                    changed[idx] = False
-            # Rows not evaluated (cache hit, or nothing to unmask) still draw their Gumbel noise below, so
-            # every row consumes the same random numbers whether or not the network ran on it.
-            current = log_probs if log_probs is not None else torch.zeros(B, D, V, device=device)
-            if filtering:
-                current = filter_logits(current, temperature, top_p, top_k)  # (B, D, V) float64
-            x_hat = sample_categorical(current, generator, dtype)  # (B, D)
+                rows = update.any(dim=-1) & changed  # (B,) rows that need a fresh network output
+                if bool(rows.all()):
+                    cached = None  # every row is recomputed: free the old cache before the network call
+                cached = _cached_call(denoiser, z, t_batch, rows, cached, nfe, changed, V)
+                log_probs = cached
+            positions = _flat(update) if masked else free  # (N,) flat indices of the rows drawn now
+            x_hat = (  # (N,)
+                sample_positions(log_probs, positions, generator, dtype, temperature, top_k, top_p)
+                if positions.numel()
+                else positions
+            )
+            del log_probs  # without the cache, the network output is dropped before the next call
 
             if masked:
-                z_next = torch.where(update, x_hat, z)
+                z_next = z.clone()
+                z_next.view(-1)[positions] = x_hat
             else:
-                z_next = x_hat if last else process.posterior_sample(z, x_hat, s, t, generator, dtype)
+                x_full = z.clone()  # (B, D), x_hat at free positions (fixed ones are rewritten below)
+                x_full.view(-1)[positions] = x_hat
+                z_next = x_full if last else process.posterior_sample(z, x_full, s, t, generator, dtype)
                 if is_fixed is not None:
                     z_next = torch.where(is_fixed, fixed, z_next)
             changed |= (z_next != z).any(dim=-1)
             z = z_next
 
     return SampleOutput(tokens=z, nfe=nfe)
+
+
+def _flat(mask: Tensor) -> Tensor:
+    """(B, D) bool -> (N,) long flat indices ``b * D + d`` of its True entries, in row-major order."""
+    return mask.reshape(-1).nonzero().squeeze(-1)
+
+
+def _cached_call(
+    denoiser: Callable[..., Tensor],
+    z: Tensor,
+    t: Tensor,
+    rows: Tensor,
+    cached: Tensor | None,
+    nfe: Tensor,
+    changed: Tensor,
+    V: int,
+) -> Tensor | None:
+    """RADD: evaluate only ``rows`` (B,) and write their output into the (B, D, V) cache; returns the cache.
+
+    With no cache yet and every row evaluated, the output itself becomes the cache (no second (B, D, V)
+    buffer). ``nfe`` and ``changed`` are updated in place.
+    """
+    B, D = z.shape
+    if not bool(rows.any()):
+        return cached
+    if cached is None and bool(rows.all()):
+        out = _call(denoiser, z, t, False, None, (B, D, V))  # (B, D, V)
+        # Later steps write into the cache: a view could share memory with the denoiser's own state.
+        cached = out if out._base is None and out.is_contiguous() else out.clone(memory_format=torch.contiguous_format)
+        nfe += 1
+    else:
+        idx = rows.nonzero().squeeze(-1)  # (R,)
+        out = _call(denoiser, z[idx], t[idx], False, None, (idx.numel(), D, V))  # (R, D, V)
+        if cached is None:
+            cached = out.new_empty(B, D, V)  # rows never evaluated are never read: they have nothing to draw
+        cached[idx] = out
+        nfe[idx] += 1
+    changed &= ~rows
+    return cached
 
 
 def _call(

@@ -1,0 +1,273 @@
+"""Peak memory of sampling and training at GPT-2 sizes (V = 50,257, D = 1,024), each case in a fresh process.
+
+Every case runs in its own child process. Its cost is the child's peak resident set size (``ru_maxrss``) minus
+that of a child that only imports the same modules, and (on a CUDA device) its peak allocated CUDA memory. Both
+are reported in units of one fp32 (B, D, V) tensor, 4 B D V bytes: the size of the network's own output, the
+floor for any sampler or loss that sees every logit. The network is a 1-layer ``DenoisingTransformer`` with a
+tiny width, so what is measured is the diffusion code around it, not the network.
+
+Sections (``--section``, default all):
+    sampling: ancestral sampling with a masked teacher, B in {1, 8, 16}, float64 and float32, 4 steps; also
+        reports wall-clock and CPU seconds per step (CPU time is the steadier figure on a shared machine).
+    training: one training step (forward, backward, AdamW) of the masked teacher with the t-DCE loss at B = 4.
+
+Each section is a function that returns its list of cases; a case is a dict naming a worker in ``WORKERS`` and
+its sizes, so a new measurement is one worker plus one section function.
+
+Examples:
+    python benchmarks/memory.py --section sampling
+    python benchmarks/memory.py --quick                # small sizes, seconds: checks that the script runs
+    python benchmarks/memory.py --section sampling --batch-sizes 16 --precisions float64 --top-p 0.9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+# Run from a checkout without installing the package (PYTHONPATH, if set, still wins: it comes first).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+GPT2_VOCAB, GPT2_SEQ_LEN = 50_257, 1_024
+RESULT_PREFIX = "MEMORY-RESULT "
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside a child: one case
+
+
+def _imports() -> dict[str, Any]:
+    """Everything any worker needs, imported by every child (the baseline too) so imports cancel out."""
+    import torch
+
+    from lightning_ddd.diffusion import MaskedProcess
+    from lightning_ddd.diffusion.losses import TimeDCE
+    from lightning_ddd.diffusion.sampling import sample
+    from lightning_ddd.nn import DenoisingTransformer
+
+    return dict(torch=torch, MaskedProcess=MaskedProcess, TimeDCE=TimeDCE, sample=sample, Net=DenoisingTransformer)
+
+
+def _tiny_denoiser(m: dict[str, Any], case: dict[str, Any]):
+    """A masked process and ``(z, t) -> log p(x | z)`` around a 1-layer backbone: what the teacher's denoise does."""
+    torch = m["torch"]
+    process = m["MaskedProcess"](case["V"])
+    torch.manual_seed(0)
+    net = m["Net"](process.num_input_tokens, case["V"], case["D"], d_model=case["d_model"], n_layers=1, n_heads=2)
+    net = net.to(case["device"])
+
+    def denoise(z, t=None):
+        return process.x0_log_probs(net(z), z)
+
+    return process, net, denoise
+
+
+def work_baseline(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
+    """Imports only; reports where the package came from (a run against another checkout shows it)."""
+    import lightning_ddd
+
+    return {"package": str(Path(lightning_ddd.__file__).resolve().parent)}
+
+
+def work_sampling(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
+    """``sample`` with the tiny masked teacher; returns seconds per step."""
+    torch = m["torch"]
+    process, net, denoise = _tiny_denoiser(m, case)
+    net.eval()
+    generator = torch.Generator(device=case["device"]).manual_seed(0)
+    _sync(torch, case["device"])
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out = m["sample"](
+        denoise, process, case["B"], case["D"], case["steps"], precision=case["precision"], generator=generator,
+        device=case["device"], cache=case.get("cache", False), top_p=case.get("top_p", 1.0),
+        top_k=case.get("top_k", 0), temperature=case.get("temperature", 1.0),
+    )
+    _sync(torch, case["device"])
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    assert out.tokens.shape == (case["B"], case["D"]) and int(out.tokens.max()) < case["V"]
+    return {"s_per_step": seconds / case["steps"], "cpu_s_per_step": cpu_seconds / case["steps"]}
+
+
+def work_teacher_step(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
+    """One training step of the masked teacher: t-DCE forward, backward, AdamW step."""
+    torch = m["torch"]
+    process, net, denoise = _tiny_denoiser(m, case)
+    net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    generator = torch.Generator(device=case["device"]).manual_seed(0)
+    x = torch.randint(case["V"], (case["B"], case["D"]), generator=generator, device=case["device"])
+    _sync(torch, case["device"])
+    start, cpu_start = time.perf_counter(), time.process_time()
+    loss = m["TimeDCE"]()(denoise, x, process, generator).float().mean() / case["D"]
+    loss.backward()
+    optimizer.step()
+    _sync(torch, case["device"])
+    return {"s_per_step": time.perf_counter() - start, "cpu_s_per_step": time.process_time() - cpu_start}
+
+
+WORKERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]] = {
+    "baseline": work_baseline,
+    "sampling": work_sampling,
+    "teacher_step": work_teacher_step,
+}
+
+
+def _sync(torch, device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_worker(case: dict[str, Any]) -> None:
+    """Run one case in this process and print its result as one JSON line."""
+    if case.get("max_gb"):  # fail with an allocation error instead of pushing a shared machine into the OOM killer
+        limit = int(case["max_gb"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    m = _imports()
+    torch = m["torch"]
+    cuda = str(case["device"]).startswith("cuda")
+    if cuda:
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_before = torch.cuda.memory_allocated()
+    result = WORKERS[case["worker"]](m, case)
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    result["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    if cuda:
+        result["cuda"] = torch.cuda.max_memory_allocated() - cuda_before
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# In the parent: sections, children, the table
+
+
+def sampling_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Section (a): sampling with the masked teacher over batch sizes and precisions."""
+    extra = {"cache": args.cache, "top_p": args.top_p, "top_k": args.top_k, "temperature": args.temperature}
+    return [
+        {"worker": "sampling", "B": B, "precision": precision, "steps": args.steps, **extra}
+        for B in args.batch_sizes
+        for precision in args.precisions
+    ]
+
+
+def training_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Section (b): one training step of the masked teacher (the students' steps are not measured yet)."""
+    return [{"worker": "teacher_step", "B": args.train_batch, "precision": "-"}]
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
+    "sampling": sampling_cases,
+    "training": training_cases,
+}
+
+
+def run_child(case: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one case in a fresh interpreter; returns its result dict or {"error": ...}."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {proc.returncode}: {tail[:120]}"}
+
+
+def describe(case: dict[str, Any]) -> str:
+    """The case's name in the table."""
+    if case["worker"] == "teacher_step":
+        return "teacher step (t-DCE)"
+    filters = [f"{k}={case[k]}" for k, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)) if case[k] != off]
+    name = "sampling, masked teacher" + (", cached" if case["cache"] else "")
+    return name + (" (" + ", ".join(filters) + ")" if filters else "")
+
+
+def table(rows: list[tuple[dict[str, Any], dict[str, Any]]], baseline: dict[str, Any]) -> str:
+    """Markdown table of the results; memory above the import baseline, in GB and in fp32 (B, D, V) units."""
+    cuda = any("cuda" in r for _, r in rows)
+    head = ["case", "B", "precision", "peak RSS above baseline (GB)", "x fp32 (B, D, V)"]
+    head += ["peak CUDA (GB)", "CUDA x fp32 (B, D, V)"] if cuda else []
+    head += ["s / step", "CPU s / step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case, res in rows:
+        unit = 4 * case["B"] * case["D"] * case["V"]
+        cells = [describe(case), str(case["B"]), case["precision"]]
+        if "error" in res:
+            cells += [res["error"]] + [""] * (len(head) - 4)
+        else:
+            above = res["rss"] - baseline["rss"]
+            cells += [f"{above / 1e9:.2f}", f"{above / unit:.2f}"]
+            if cuda:
+                cells += [f"{res['cuda'] / 1e9:.2f}", f"{res['cuda'] / unit:.2f}"] if "cuda" in res else ["", ""]
+            cells.append(f"{res['s_per_step']:.2f}")
+            cells.append(f"{res['cpu_s_per_step']:.2f}" if "cpu_s_per_step" in res else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--section", choices=["all", *SECTIONS], default="all", help="which measurements to run")
+    parser.add_argument("--quick", action="store_true", help="small sizes (V=512, D=64) that run in seconds")
+    parser.add_argument("--vocab-size", type=int, default=GPT2_VOCAB, help="V")
+    parser.add_argument("--seq-len", type=int, default=GPT2_SEQ_LEN, help="D")
+    parser.add_argument("--d-model", type=int, default=16, help="width of the 1-layer backbone")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16], help="sampling batch sizes")
+    parser.add_argument("--precisions", nargs="+", default=["float64", "float32"], help="sampling precisions")
+    parser.add_argument("--steps", type=int, default=4, help="sampling steps")
+    parser.add_argument("--cache", action="store_true", help="use the RADD caching sampler")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--train-batch", type=int, default=4, help="batch size of the training step")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-gb", type=float, default=0.0,
+                        help="address-space limit per child in GiB (0 = none): a case that needs more fails cleanly")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one JSON-encoded case
+    args = parser.parse_args(argv)
+    if args.quick:  # small sizes unless given explicitly
+        args.vocab_size, args.seq_len, args.steps = 512, 64, 2
+        args.batch_sizes = [1, 4] if args.batch_sizes == parser.get_default("batch_sizes") else args.batch_sizes
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(json.loads(args.worker))
+        return ""
+    common = {"V": args.vocab_size, "D": args.seq_len, "d_model": args.d_model, "device": args.device,
+              "max_gb": args.max_gb}
+    baseline = run_child({"worker": "baseline", **common}, args.timeout)
+    if "error" in baseline:
+        raise SystemExit(f"the import-only child failed: {baseline['error']}")
+    print(f"measuring the lightning_ddd package in {baseline['package']}", file=sys.stderr, flush=True)
+    sections = list(SECTIONS) if args.section == "all" else [args.section]
+    rows = []
+    for section in sections:
+        for case in SECTIONS[section](args):
+            case = {**common, **case}
+            rows.append((case, run_child(case, args.timeout)))
+            print(f"done: {describe(case)}, B={case['B']}, {case['precision']}", file=sys.stderr, flush=True)
+    text = (
+        f"V = {args.vocab_size}, D = {args.seq_len}, 1-layer backbone (d_model = {args.d_model}), "
+        f"device {args.device}; import baseline {baseline['rss'] / 1e9:.2f} GB RSS\n\n" + table(rows, baseline)
+    )
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
