@@ -1,29 +1,25 @@
-"""``python -m lightning_ddd``: bad input ends in one line that names the problem and the fix."""
+"""``python -m lightning_ddd``: bad input ends in one line that names the problem and the fix.
 
-import os
+Errors raised while the run is built or started (a check in any constructor, however deeply nested; a bad
+checkpoint; Lightning's own argument checks; a missing optional package) print as one ``error:`` line,
+unwrapped from jsonargparse's messages by :func:`lightning_ddd.errors.explain`; the parser's own errors are
+reported by :class:`lightning_ddd.cli.DDDArgumentParser`. ``LIGHTNING_DDD_TRACEBACK=1`` shows the traceback.
+"""
+
 import sys
 
 from lightning_ddd.cli import main
-from lightning_ddd.extras import install_hint
-
-
-def _own_error(err: BaseException) -> BaseException:
-    """The error a model or DataModule raised: jsonargparse wraps one raised while building a class in a
-    multi-line "Does not validate against any of the Union subtypes" message whose cause it is."""
-    while err.__cause__ is not None and str(err).startswith("Does not validate against any of the Union subtypes"):
-        err = err.__cause__
-    return err
+from lightning_ddd.errors import HINT, explain, traceback_requested
 
 
 def run() -> None:
     try:
         main()
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        if os.environ.get("LIGHTNING_DDD_TRACEBACK"):
+    except Exception as err:  # noqa: BLE001  (a bug keeps its traceback: explain returns None for it)
+        line = None if traceback_requested() else explain(err)
+        if line is None:
             raise
-        # a feature reached an optional package that is not installed: name the extra that provides it
-        hint = install_hint(err.name) if isinstance(err, ModuleNotFoundError) and err.name else None
-        sys.exit(f"error: {hint or _own_error(err)}  (set LIGHTNING_DDD_TRACEBACK=1 for the traceback)")
+        sys.exit(f"error: {line}  {HINT}")  # printed to stderr, exit status 1
 
 
 if __name__ == "__main__":

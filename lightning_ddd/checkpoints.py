@@ -70,14 +70,49 @@ def _loaded_module_class(name: str) -> type | None:
 def validate_checkpoint(path: str, expected_class: type | None = None) -> dict[str, Any]:
     """Read ``path`` and check that it was written by ``expected_class``, a subclass or a parent, else raise."""
     ckpt = read_checkpoint(path)
+    check_class(ckpt, path, expected_class)
+    return ckpt
+
+
+def check_class(ckpt: dict[str, Any], path: str, expected_class: type | None) -> None:
+    """Raise unless the checkpoint was written by ``expected_class``, a subclass or a parent of it."""
     found = checkpoint_class(ckpt)
     if expected_class is not None and found is not None:
         if not (issubclass(found, expected_class) or issubclass(expected_class, found)):
             raise CheckpointError(
-                f"checkpoint '{path}' holds a {found.__name__} but this run needs a {expected_class.__name__}; "
-                f"use a {expected_class.__name__} checkpoint or change the model's class_path."
+                f"checkpoint '{path}' holds {checkpoint_origin(ckpt, path)} but this run needs a "
+                f"{expected_class.__name__}; use a {expected_class.__name__} checkpoint or change the model's class_path."
             )
-    return ckpt
+
+
+def checkpoint_origin(ckpt: dict[str, Any], path: str) -> str:
+    """Where a checkpoint comes from, for error messages: its class, step and run folder."""
+    name = ckpt.get("lightning_ddd_class") or ckpt.get("hyper_parameters", {}).get("_class_path", "").rpartition(".")[2]
+    parts = [f"a {name}" if name else "a model", f"at step {ckpt['global_step']}" if "global_step" in ckpt else ""]
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) == "checkpoints":  # <run>/checkpoints/<file>.ckpt, as Lightning writes them
+        parts.append(f"from the run in '{os.path.dirname(folder)}'")
+    return " ".join(p for p in parts if p)
+
+
+def check_state_dict(model: torch.nn.Module, ckpt: dict[str, Any], path: str, shown: int = 3) -> None:
+    """Raise ``CheckpointError`` naming a few missing, unexpected and mis-shaped weights if the checkpoint's
+    ``state_dict`` does not fit ``model`` (the model a config builds, before any weight is loaded)."""
+    expected, found = model.state_dict(), ckpt["state_dict"]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape (checkpoint vs model)", shapes)):
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            problems.append(f"{label}: {', '.join(names[:shown])}{more}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint '{path}' ({checkpoint_origin(ckpt, path)}) does not fit the model this config builds "
+            f"({'; '.join(problems)}); use the config it was trained with (its run folder holds config.yaml)."
+        )
 
 
 def file_sha256(path: str) -> str:

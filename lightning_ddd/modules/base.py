@@ -10,16 +10,17 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_ddd.diffusion.processes import DiscreteProcess, MaskedProcess
 from lightning_ddd.diffusion.sampling import SampleOutput, sample
-from lightning_ddd.nn import DenoisingTransformer
+from lightning_ddd.nn import Backbone, DenoisingTransformer
 
 #: builds a process from the vocabulary size: ``process(vocab_size)``
 ProcessFactory = Callable[[int], DiscreteProcess]
-#: builds a backbone: ``backbone(num_input_tokens, vocab_size, seq_len)``
-BackboneFactory = Callable[[int, int, int], nn.Module]
+#: builds a backbone: ``backbone(num_input_tokens, vocab_size, seq_len)`` (a subclass of ``Backbone``, so
+#: ``--model.help`` lists the project's networks, not every torch module)
+BackboneFactory = Callable[[int, int, int], Backbone]
 
 
 class Shared:

@@ -1,5 +1,6 @@
-"""Plain nn.Modules: the bidirectional transformer backbone."""
+"""Plain nn.Modules: the backbones (``Backbone``, their base; the bidirectional ``DenoisingTransformer``)."""
 
+from lightning_ddd.nn.backbone import Backbone
 from lightning_ddd.nn.transformer import DenoisingTransformer
 
-__all__ = ["DenoisingTransformer"]
+__all__ = ["Backbone", "DenoisingTransformer"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_ddd.nn.backbone import Backbone
 from lightning_ddd.nn.transformer import MLP, DenoisingTransformer, RotaryTables, SelfAttention
 
 
@@ -42,7 +43,7 @@ class CausalBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class CausalTransformer(nn.Module):
+class CausalTransformer(Backbone):
     """Causal pre-norm transformer with RoPE: the logits at position i depend on ids 0..i only.
 
     Same factory signature as ``DenoisingTransformer`` (``backbone(num_input_tokens, vocab_size, seq_len)``),

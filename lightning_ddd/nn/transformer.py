@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_ddd.nn.backbone import Backbone
+
 # ----------------------------------------------------------------------------------------------
 # Rotary position embeddings
 
@@ -230,7 +232,7 @@ def _cond_proj(cond_dim: int, d_model: int) -> nn.Sequential:
 # The model
 
 
-class DenoisingTransformer(nn.Module):
+class DenoisingTransformer(Backbone):
     """Bidirectional pre-norm transformer with RoPE: token ids in, logits over the vocabulary out.
 
     The denoising network of the discrete diffusion models. By default it ignores the diffusion
