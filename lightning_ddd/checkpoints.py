@@ -98,6 +98,13 @@ def checkpoint_origin(ckpt: dict[str, Any], path: str) -> str:
 def check_state_dict(model: torch.nn.Module, ckpt: dict[str, Any], path: str, shown: int = 3) -> None:
     """Raise ``CheckpointError`` naming a few missing, unexpected and mis-shaped weights if the checkpoint's
     ``state_dict`` does not fit ``model`` (the model a config builds, before any weight is loaded)."""
+    hparams = ckpt.get("hyper_parameters", {})
+    for name in ("vocab_size", "seq_len"):  # the data decides these: say so rather than list weight shapes
+        if name in hparams and getattr(model, name, hparams[name]) != hparams[name]:
+            raise CheckpointError(
+                f"checkpoint '{path}' was trained with {name}={hparams[name]} but this run's data has "
+                f"{name}={getattr(model, name)}; use the data the checkpoint was trained on."
+            )
     expected, found = model.state_dict(), ckpt["state_dict"]
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]

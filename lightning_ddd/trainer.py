@@ -12,19 +12,23 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from tqdm.auto import tqdm
 
-from lightning_ddd.checkpoints import validate_checkpoint
+from lightning_ddd.checkpoints import check_state_dict, validate_checkpoint
 from lightning_ddd.data.base import TokenDataModule
 from lightning_ddd.evaluation import (
+    SAMPLE_FILES,
     MetricOptions,
     SampleScorer,
     SamplingSettings,
+    check_output_dir,
     check_writable_samples,
     data_row,
     generate,
     likelihood_bound,
+    markdown_table,
     sample_metrics,
     settings_record,
     sweep,
+    table_files,
     write_samples,
     write_table,
 )
@@ -38,6 +42,7 @@ def load_weights(model: DiffusionModule, ckpt_path: str | None) -> None:
             rank_zero_info("no --ckpt_path given: sampling from the untrained model")
         return
     ckpt = validate_checkpoint(ckpt_path, type(model))
+    check_state_dict(model, ckpt, ckpt_path)  # names the weights that do not fit, not a torch traceback
     model.on_load_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"])
 
@@ -56,6 +61,7 @@ class DDDTrainer(Trainer):
         ckpt_path: str | None = None,
         output_dir: str = "samples",
         sampling: SamplingSettings = SamplingSettings(),
+        overwrite: bool = False,
     ) -> dict:
         """Draw samples and write token ids, decoded text or an image grid, and a JSON sidecar of the settings.
 
@@ -65,9 +71,11 @@ class DDDTrainer(Trainer):
             ckpt_path: checkpoint whose weights to sample from.
             output_dir: folder for tokens.pt, samples.txt or samples.png, and samples.json.
             sampling: how the samples are drawn.
+            overwrite: replace the files of an earlier run in output_dir (else that is an error, before any work).
         """
         sampling.validate(model.seq_len)  # before loading anything
         check_writable_samples(datamodule)
+        check_output_dir(output_dir, SAMPLE_FILES, overwrite)
         model = self._prepare(model, ckpt_path)
         tokens, nfe, seconds = generate(model, sampling, progress=True)
         record = {**settings_record(model, sampling, ckpt_path), "mean_nfe": nfe.float().mean().item(),
@@ -75,6 +83,8 @@ class DDDTrainer(Trainer):
                   **sample_metrics(tokens, datamodule, model.vocab_size)}
         paths = write_samples(tokens, datamodule, output_dir, record)
         rank_zero_info(f"wrote {', '.join(paths)}")
+        if self.is_global_zero:
+            print(markdown_table([record]))  # the result on the console (stdout)
         return record
 
     def evaluate(
@@ -88,8 +98,9 @@ class DDDTrainer(Trainer):
         temperatures: list[float] | None = None,
         top_ps: list[float] | None = None,
         metrics: MetricOptions = MetricOptions(),
-        nll_num_draws: int = 1,
+        nll_num_draws: int | None = None,
         nll_max_batches: int | None = None,
+        overwrite: bool = False,
     ) -> list[dict]:
         """Sweep step counts, temperatures and top-p values; write one row per setting to evaluation.json/.csv.
 
@@ -111,16 +122,21 @@ class DDDTrainer(Trainer):
             temperatures: temperatures to sweep (None: sampling.temperature only).
             top_ps: nucleus masses to sweep (None: sampling.top_p only).
             metrics: metrics beyond entropy, the oracle NLL and the NLL bound.
-            nll_num_draws: K, Monte-Carlo draws per validation sequence for the NLL bound.
+            nll_num_draws: K, Monte-Carlo draws per validation sequence for the NLL bound (None: the model's
+                ``val_num_draws``, as in training's validation); recorded in each row.
             nll_max_batches: validation batches for the NLL bound (None: all).
+            overwrite: replace the files of an earlier run in output_dir (else that is an error, before any work).
         """
         grid = sweep(sampling, steps=steps, temperatures=temperatures, top_ps=top_ps)
         for settings in grid:
             settings.validate(model.seq_len)  # every setting is checked before any work starts
         metrics.validate(datamodule)
+        check_output_dir(output_dir, table_files(), overwrite)
         model = self._prepare(model, ckpt_path)
         scorer = SampleScorer(metrics, datamodule, model.vocab_size, self.strategy.root_device)  # loads models once
-        bound = likelihood_bound(model, datamodule, nll_num_draws, nll_max_batches, sampling.seed) if datamodule else {}
+        draws = nll_num_draws if nll_num_draws is not None else getattr(model, "val_num_draws", 1)
+        bound = likelihood_bound(model, datamodule, draws, nll_max_batches, sampling.seed) if datamodule else {}
+        bound = {**bound, "nll_num_draws": draws} if bound else bound
         rows = [data_row(scorer, sampling.num_samples, sampling.seed)] if datamodule is not None else []  # the floor
         for settings in tqdm(grid, desc="evaluate"):
             tokens, nfe, seconds = generate(model, settings)
@@ -129,4 +145,6 @@ class DDDTrainer(Trainer):
                          **bound, **scorer(tokens)})
         paths = write_table(rows, output_dir)
         rank_zero_info(f"wrote {paths[0]} and {paths[1]}")
+        if self.is_global_zero:
+            print(markdown_table(rows))  # the result table on the console (stdout), the data floor first
         return rows
