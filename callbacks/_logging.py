@@ -36,6 +36,15 @@ def warn_without_tensorboard(trainer: pl.Trainer, owner: object) -> None:
         )
 
 
+def without_duplicates(metrics: dict[str, float], record: dict) -> dict[str, float]:
+    """``metrics`` less the ones that repeat another under a second name: with the oracle evaluator the
+    generative NLL is the oracle NLL (``gen_ppl`` stays: it is the same number as a perplexity, and the
+    tag a run with an LM evaluator would show)."""
+    if record.get("evaluator") == "oracle" and "oracle_nll" in metrics:
+        return {k: v for k, v in metrics.items() if k != "gen_nll"}
+    return metrics
+
+
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
     """Log scalars to every logger at ``step`` (default: the trainer's global step)."""
     step = trainer.global_step if step is None else step

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from lightning_ddd.evaluation import MetricOptions, SampleScorer, SamplingSettings, data_row, generate
 
-from ._logging import log_markdown, log_scalars, warn_without_tensorboard
+from ._logging import log_markdown, log_scalars, warn_without_tensorboard, without_duplicates
 from ._plots import require_plots
 from ._sampling import check_strategy, sampling_context
 
@@ -115,7 +115,8 @@ class SampleMetricsLogger(ScheduledSampling):
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         tokens, _, _ = generate(pl_module, self.sampling)  # (N, D)
-        log_scalars(trainer, {f"sample/{name}": value for name, value in self.score(tokens).items()})
+        scores = without_duplicates(self.score(tokens), self.scorer.record)
+        log_scalars(trainer, {f"sample/{name}": value for name, value in scores.items()})
         if not self._protocol_logged:
             floor = data_row(self.scorer, self.sampling.num_samples, self.sampling.seed)  # real data, same N
             floor = {f"data_{k}": v for k, v in floor.items() if k not in self.scorer.record and k != "model_class"}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from lightning_ddd.evaluation import MetricOptions, SamplingSettings, generate, sweep
+from lightning_ddd.evaluation import MetricOptions, SamplingSettings, generate, markdown_table, sweep
 
-from ._logging import log_figure, log_scalars
+from ._logging import log_figure, log_markdown, log_scalars, without_duplicates
 from ._plots import data_references, metric_lines
 from ._scheduled import ScheduledSampling
 
@@ -19,16 +19,20 @@ class StepFrontier(ScheduledSampling):
 
     For every step count, samples are drawn with the same seed from the model being trained and, when the
     module is a distilled student (it has a ``teacher``), from its frozen teacher. The teacher never changes
-    during training, so its numbers are computed once and logged again next to each evaluation.
+    during training, so its numbers are computed once and shown again in each table and plot.
 
-    Scalars: ``frontier/<metric>/steps=<n>`` for the model and ``frontier/teacher/<metric>/steps=<n>`` for
-    the teacher, for ``entropy``, ``oracle_nll`` (data with a known density), what ``metrics`` turns on,
-    ``mean_nfe`` and ``seconds_per_sample``. Image: ``frontier/plot``, each quality metric against steps.
+    Text: ``frontier/table``, a markdown table of every metric at every step count, for the model and the
+    teacher. Image: ``frontier/plot``, each quality metric against steps. Scalars: only the model's numbers
+    at the reference step count (``sampling.steps`` when it is among ``steps``, else the smallest, the
+    few-step end a student is distilled for): ``frontier/<metric>/steps=<n>`` for ``entropy``, ``oracle_nll``
+    (data with a known density), what ``metrics`` turns on, ``mean_nfe`` and ``seconds_per_sample``. The
+    teacher's numbers never change during training, so they are in the table and the plot, not in curves.
     Runs on rank 0 with the EMA weights when EMA is on (see ``lightning_ddd.callbacks._sampling``).
 
     Args:
         steps: sampling step counts (each replaces ``sampling.steps``).
-        sampling: every other sampling setting, shared by all step counts (model and teacher alike).
+        sampling: every other sampling setting, shared by all step counts (model and teacher alike); its
+            ``steps`` names the reference step count when it is among ``steps``.
         metrics: metrics beyond entropy and the oracle NLL, as for the ``evaluate`` subcommand, e.g.
             ``{evaluator: gpt2-large}`` for generative perplexity or ``{fid: true}`` for image data.
         every_n_steps: evaluate every this many optimiser steps (None: only at the end of training).
@@ -52,6 +56,7 @@ class StepFrontier(ScheduledSampling):
         if not steps:
             raise ValueError("StepFrontier: steps needs at least one step count.")
         self.grid = sweep(sampling, steps=sorted(set(steps)))
+        self.reference_steps = sampling.steps if sampling.steps in steps else min(steps)
         self.include_teacher = teacher
         self._teacher_rows: list[dict] | None = None
 
@@ -60,7 +65,7 @@ class StepFrontier(ScheduledSampling):
         for settings in self.grid:
             tokens, nfe, seconds = generate(model, settings)  # (N, D), (N,)
             rows.append({"model": label, "steps": settings.steps,
-                         **self.score(tokens),
+                         **without_duplicates(self.score(tokens), self.scorer.record),
                          "mean_nfe": nfe.float().mean().item(), "seconds_per_sample": seconds / settings.num_samples})
         return rows
 
@@ -71,12 +76,11 @@ class StepFrontier(ScheduledSampling):
             if self._teacher_rows is None:
                 self._teacher_rows = self._frontier(teacher, trainer, "teacher")
             rows += self._teacher_rows
-        scalars = {}
-        for row in rows:
-            prefix = "frontier/" if row["model"] == "model" else "frontier/teacher/"
-            scalars.update({f"{prefix}{name}/steps={row['steps']}": value for name, value in row.items()
-                            if name not in ("model", "steps")})
-        log_scalars(trainer, scalars)
+        (reference,) = [row for row in rows if row["model"] == "model" and row["steps"] == self.reference_steps]
+        log_scalars(trainer, {f"frontier/{name}/steps={reference['steps']}": value for name, value in reference.items()
+                              if name not in ("model", "steps")})
+        table = markdown_table(rows)
+        log_markdown(trainer, "frontier/table", f"step {trainer.global_step}\n\n{table}")
         quality = [name for name in dict.fromkeys(k for row in rows for k in row)
                    if name not in ("model", "steps", *_COST)]
         figure = metric_lines(rows, "steps", "model", quality, "sampling steps", log2_x=True,

@@ -61,8 +61,8 @@ def markov(tmp_path_factory):
     cli = fit(
         TINY, root,
         callback("TemperatureSweep", every_n_steps=2, temperatures=[0.5, 1.0], top_ps=[1.0, 0.9], steps=[2, 4],
-                 sampling={"num_samples": 8}, metrics={"evaluator": "oracle"}),
-        callback("StepFrontier", steps=[1, 2, 4], sampling={"num_samples": 8}),
+                 sampling={"num_samples": 8, "steps": 4, "top_p": 0.9}, metrics={"evaluator": "oracle"}),
+        callback("StepFrontier", steps=[1, 2, 4], sampling={"num_samples": 8, "steps": 2}),
         callback("PerplexityLogger", metrics={"evaluator": "oracle"}, every_n_steps=None,
                  sampling={"num_samples": 16, "steps": 4, "seed": 3}),
         callback("SampleLogger", sampling={"num_samples": 4, "steps": 4}),
@@ -72,17 +72,37 @@ def markov(tmp_path_factory):
     return SimpleNamespace(cli=cli, root=root, events=Events(root), ckpt=ckpt)
 
 
+def markdown_rows(text: str) -> list[dict[str, str]]:
+    """The rows of the markdown table in a logged text, as {column: cell}."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
 def test_sequence_run_writes_every_tag(markov):
     ev = markov.events
     assert markov.cli.trainer.global_step == 4
-    expected = [f"sweep/{m}/steps={n}/T={t}/top_p={p}" for m in ("entropy", "oracle_nll", "gen_ppl")
-                for n in (2, 4) for t in (0.5, 1.0) for p in (1.0, 0.9)]
-    expected += [f"frontier/{m}/steps={n}" for m in ("entropy", "oracle_nll", "mean_nfe", "seconds_per_sample")
-                 for n in (1, 2, 4)]
-    expected += ["sample/entropy", "sample/oracle_nll", "sample/gen_ppl", "sample/gen_nll",
+    # sweeps: scalar curves only at the reference setting (the sampling block's), every setting in a table
+    sweep_tags = [tag for tag in ev.scalars if tag.startswith("sweep/")]
+    assert sweep_tags and all(tag.endswith("/steps=4/T=1.0/top_p=0.9") for tag in sweep_tags), sweep_tags
+    frontier_tags = [tag for tag in ev.scalars if tag.startswith("frontier/")]
+    assert frontier_tags and all(tag.endswith("/steps=2") for tag in frontier_tags), frontier_tags
+    expected = [f"sweep/{m}/steps=4/T=1.0/top_p=0.9" for m in ("entropy", "oracle_nll", "gen_ppl")]
+    expected += [f"frontier/{m}/steps=2" for m in ("entropy", "oracle_nll", "mean_nfe", "seconds_per_sample")]
+    expected += ["sample/entropy", "sample/oracle_nll", "sample/gen_ppl",
                  "throughput/train_tokens_per_s", "throughput/sampling_samples_per_s", "throughput/peak_memory_mib"]
     assert not [tag for tag in expected if tag not in ev.scalars], sorted(ev.scalars)
-    assert not any(tag.startswith("frontier/teacher/") for tag in ev.scalars)  # a teacher has no teacher
+    # with the oracle evaluator gen_nll is oracle_nll: logged once
+    assert not [tag for tag in ev.scalars if "gen_nll" in tag]
+    assert "hp_metric" not in ev.scalars
+    (_, sweep_table), (_, last_table) = ev.texts["sweep/table"]
+    rows = markdown_rows(last_table)
+    settings = [(int(r["steps"]), float(r["temperature"]), float(r["top_p"])) for r in rows]
+    assert sorted(settings) == sorted((n, t, p) for n in (2, 4) for t in (0.5, 1.0) for p in (1.0, 0.9))
+    reference = rows[settings.index((4, 1.0, 0.9))]
+    assert reference["oracle_nll"] == f"{ev.last('sweep/oracle_nll/steps=4/T=1.0/top_p=0.9'):.4g}"
+    frontier = markdown_rows(ev.texts["frontier/table"][-1][1])
+    assert [r["steps"] for r in frontier] == ["1", "2", "4"] and {r["model"] for r in frontier} == {"model"}
     # every_n_steps=2 over 4 steps: steps 2 and 4; the end of training falls on step 4, so no third sweep
     assert [step for step, *_ in ev.images["sweep/plot"]] == [2, 4]
     assert [step for step, *_ in ev.images["frontier/plot"]] == [4]
@@ -127,12 +147,14 @@ def test_step_frontier_of_a_student_includes_its_teacher(markov, tmp_path):
     cli = fit(TINY_DMMD, tmp_path, "--model.init_args.teacher_ckpt", markov.ckpt,
               callback("StepFrontier", steps=[1, 2], sampling={"num_samples": 4}))
     ev = Events(tmp_path)
-    for who in ("", "teacher/"):
-        for n in (1, 2):
-            assert f"frontier/{who}entropy/steps={n}" in ev.scalars, sorted(ev.scalars)
+    # the student's curve at the reference step count (the smallest: sampling.steps is not swept); the
+    # teacher, which does not change during training, only in the table
+    assert "frontier/entropy/steps=1" in ev.scalars and not any(t.startswith("frontier/teacher") for t in ev.scalars)
+    rows = markdown_rows(ev.texts["frontier/table"][-1][1])
+    assert [(r["model"], r["steps"]) for r in rows] == [("model", "1"), ("model", "2"), ("teacher", "1"),
+                                                        ("teacher", "2")]
     tokens, _, _ = generate(cli.model.teacher, SamplingSettings(steps=2, num_samples=4))
-    assert ev.last("frontier/teacher/oracle_nll/steps=2") == pytest.approx(
-        sample_metrics(tokens, cli.datamodule, 5)["oracle_nll"], rel=1e-6)
+    assert rows[3]["oracle_nll"] == f"{sample_metrics(tokens, cli.datamodule, 5)['oracle_nll']:.4g}"
 
 
 def test_image_run_logs_a_grid_and_fid(tmp_path):

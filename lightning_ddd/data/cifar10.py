@@ -54,10 +54,16 @@ def load_batches(folder: Path, names: tuple[str, ...]) -> Tensor:
     """Concatenate the b"data" arrays of pickled batches; returns (N, 3072) uint8."""
     arrays = []
     for name in names:
-        with open(folder / name, "rb") as f:
-            # The official files were pickled by Python 2; "bytes" keeps their keys as b"data".
-            batch = pickle.load(f, encoding="bytes")
-        arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, _CHANNELS * _FULL_SIDE**2))
+        try:
+            with open(folder / name, "rb") as f:
+                # The official files were pickled by Python 2; "bytes" keeps their keys as b"data".
+                batch = pickle.load(f, encoding="bytes")
+            arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, _CHANNELS * _FULL_SIDE**2))
+        except (pickle.UnpicklingError, EOFError, KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(  # a truncated download, or another file under the official name
+                f"CIFAR10Pixels: '{folder / name}' is not a readable CIFAR-10 python batch ({type(err).__name__}: "
+                f"{err}); delete '{folder}' and download it again (download: true)."
+            ) from err
     return torch.from_numpy(np.concatenate(arrays))
 
 

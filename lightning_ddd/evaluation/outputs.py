@@ -38,7 +38,7 @@ _PROTOCOL = ("checkpoint", "model_class", "sampler", "steps", "temperature", "to
              "num_samples", "batch_size", "cache", "evaluator", "fid_extractor", "fid_reference_images",
              "fid_reference_split", "data_split", "nll_num_draws")
 #: columns shown first when they vary
-_FIRST = ("model_class", "steps", "temperature", "top_p", "top_k", "mean_nfe")
+_FIRST = ("model", "model_class", "steps", "temperature", "top_p", "top_k", "mean_nfe")
 
 
 def table_files(name: str = "evaluation") -> tuple[str, str]:

@@ -37,7 +37,7 @@ class BOSInput:
 class ARLanguageModel(DiffusionModule):
     """Left-to-right LM: log p(x) = sum_i log p(x_i | BOS, x_<i), trained by maximum likelihood.
 
-    Logs ``train/loss`` (nats/token) and ``val/loss``, ``val/nll``, ``val/ppl``, ``val/bpd`` (exact, not
+    Logs ``train/loss`` (nats/token) and ``val/nll``, ``val/ppl``, ``val/bpd`` (exact, not
     bounds). ``generate`` samples left to right, so ``sample``/``evaluate`` work on it as a baseline
     (``steps`` is ignored: every sample takes seq_len network evaluations).
 
@@ -86,7 +86,7 @@ class ARLanguageModel(DiffusionModule):
     def validation_losses(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         nll = -self.sequence_log_prob(x)  # (B,)
         self.val_nll.update(nll, x.shape[1])
-        return {"loss": nll.mean() / x.shape[1]}
+        return {}  # val/nll is this NLL per token: a val/loss would log the same number twice
 
     @torch.no_grad()
     def generate(

@@ -223,8 +223,9 @@ class DMMDStudent(DistilledStudent):
         factories = (self.lr_scheduler_factory, self.aux_lr_scheduler_factory)
         self._schedulers = [f(o) if f is not None else None for f, o in zip(factories, optimizers)]
         # Listed so that Lightning checkpoints and restores them; manual optimisation steps them itself.
-        return [{"optimizer": o, **({"lr_scheduler": {"scheduler": sch}} if sch is not None else {})}
-                for o, sch in zip(optimizers, self._schedulers)]
+        # Named, so LearningRateMonitor logs lr-student and lr-auxiliary rather than lr-AdamW and lr-AdamW-1.
+        return [{"optimizer": o, **({"lr_scheduler": {"scheduler": sch, "name": name}} if sch is not None else {})}
+                for o, sch, name in zip(optimizers, self._schedulers, ("lr-student", "lr-auxiliary"))]
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
