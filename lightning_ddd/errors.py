@@ -242,21 +242,26 @@ def explain_parser_error(message: str, ex: BaseException | None, option_keys: It
     for err in chain:
         text = str(err)
         head = _head(err)
+        segment = None
         if m := re.match(r'Parser key "([^"]+)":', head):
-            if not segments or segments[-1] != ("key", m.group(1)):
-                segments.append(("key", m.group(1)))
-                bases = []  # the types of this key, not of the one above it
+            segment = ("key", m.group(1))
         elif m := re.match(r"Problem with given class_path '([^']+)':", head):
-            segments.append(("class", m.group(1)))
+            segment = ("class", m.group(1))
+        elif head.startswith("Type ") and " expects a function or a callable class" in head:
+            # a factory argument (backbone, optimizer) given as a class and its init_args
+            if m := re.search(r"Got value: Namespace\(class_path='([^']+)'", text):
+                segment = ("class", m.group(1))
+        if segment is not None and (not segments or segments[-1] != segment):  # wrappers repeat their message
+            if segment[0] == "key":
+                bases = []  # the types of this key, not of the one above it
+            segments.append(segment)
         if "Subtypes: [" in text:
             found = _base_classes(text.split("Errors:", 1)[0])
             bases = found or bases
             if m := re.search(r"^Given value: (.*)$", text, flags=re.M):
                 given = m.group(1)
-        elif m := re.search(r"Type (\S+) expects a function or a callable class", text):  # a factory argument
+        elif m := re.search(r"Type ([^\n]+?) expects a function or a callable class", text):
             bases = _base_classes(m.group(1)) or bases
-            if m := re.search(r"Got value: Namespace\(class_path='([^']+)'", text):
-                segments.append(("class", m.group(1)))
         valid_keys = list(getattr(err, "lightning_ddd_keys", valid_keys))
     if not bases and len(segments) >= 2 and segments[-2][0] == "class" and segments[-1][0] == "key":
         bases = _annotation_classes(segments[-2][1], segments[-1][1])  # e.g. a bare name for a factory
