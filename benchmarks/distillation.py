@@ -35,7 +35,7 @@ def fit(config: str, root: str, extra: list[str]) -> str:
 def evaluate(config: str, ckpt: str, steps: list[int], args, out: str, extra: list[str]) -> list[dict]:
     main(["evaluate", "-c", config, "--ckpt_path", ckpt, "--steps", json.dumps(steps),
           "--sampling.num_samples", str(args.num_samples), "--sampling.seed", str(args.seed), "--output_dir", out,
-          "--nll_max_batches", "2", *extra])
+          "--nll_max_batches", "2", "--overwrite", "true", *extra])  # a rerun replaces its own results
     with open(os.path.join(out, "evaluation.json")) as f:
         return json.load(f)
 

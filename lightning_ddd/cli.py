@@ -37,6 +37,7 @@ from lightning_ddd.checkpoints import (
     checkpoint_origin,
     read_checkpoint,
 )
+from lightning_ddd.compat import turn_off_default_hp_metric
 from lightning_ddd.data import TokenDataModule
 from lightning_ddd.errors import HINT, explain_parser_error, import_path, traceback_requested
 from lightning_ddd.fit_report import FitReport
@@ -169,29 +170,24 @@ class LightningDDDCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)
-        if self._get(self.config, "trainer", {}).get("logger") in (None, True):
+        trainer_config = self.config.get(str(self.subcommand), self.config).get("trainer") or {}
+        if trainer_config.get("logger") in (None, True):
             # Lightning's default TensorBoard logger: no hp_metric pinned at -1 (configs set default_hp_metric)
             for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger) and hasattr(logger, "_default_hp_metric"):
-                    logger._default_hp_metric = False
+                if isinstance(logger, TensorBoardLogger):
+                    turn_off_default_hp_metric(logger)
         return trainer
 
-    def _run_subcommand(self, subcommand: str) -> None:
+    def after_instantiate_classes(self) -> None:
         checkpoint, self._checkpoint = self._checkpoint, None  # the subcommand reads the file itself
-        if subcommand not in _TRAINER_SUBCOMMANDS:
-            return super()._run_subcommand(subcommand)
+        if self.subcommand not in _TRAINER_SUBCOMMANDS:
+            return  # sample and evaluate check the checkpoint when they load it
         if checkpoint is not None:  # before any folder exists or any work starts
             check_class(checkpoint, self._ckpt_path(), type(self.model))
             check_state_dict(self.model, checkpoint, self._ckpt_path())
-        del checkpoint
-        folders = RunFolders(self.trainer)
-        try:
-            super()._run_subcommand(subcommand)
-        except BaseException:
-            report = _fit_report(self.trainer)
-            if self.trainer.is_global_zero and (report is None or report.steps_taken == 0):
-                folders.remove_new()
-            raise
+        report = _fit_report(self.trainer)
+        if report is not None:
+            report.folders = RunFolders(self.trainer)  # removed by main() if the run fails before training
 
     def after_fit(self) -> None:
         report = _fit_report(self.trainer)
@@ -250,6 +246,15 @@ def _config_files(command_line: list[str]) -> list[str]:
 
 def main(args: list[str] | None = None) -> LightningDDDCLI:
     """Entry point of ``python -m lightning_ddd`` (``args=None`` reads ``sys.argv``)."""
+    report = FitReport()
+    try:
+        return _cli(args, report)
+    except BaseException:
+        report.remove_folders_if_untrained()  # a run that failed before its first step leaves nothing
+        raise
+
+
+def _cli(args: list[str] | None, report: FitReport) -> LightningDDDCLI:
     return LightningDDDCLI(
         DiffusionModule,
         TokenDataModule,
@@ -260,7 +265,7 @@ def main(args: list[str] | None = None) -> LightningDDDCLI:
         parser_kwargs={"parser_mode": "omegaconf+"},
         parser_class=DDDArgumentParser,
         trainer_class=DDDTrainer,
-        trainer_defaults={"callbacks": [FitReport()]},
+        trainer_defaults={"callbacks": [report]},
         auto_configure_optimizers=False,
         args=args,
     )

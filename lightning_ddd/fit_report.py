@@ -7,14 +7,17 @@ import math
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from lightning_ddd.run_files import RunFolders
+
 #: validation metrics a report follows when no checkpoint callback names one, in order of preference
 REPORTED = ("val/nll", "val/loss")
 
 
 class FitReport(Callback):
     """Follows the run for the command line (added by it, not by configs): counts the optimiser steps taken
-    in this process, so a failed run knows whether it trained, and records the validation metric after
-    every validation, so :meth:`summary` can name the final and the best value.
+    in this process, so a run that fails before training can remove the folders it created
+    (:meth:`remove_folders_if_untrained`), and records the validation metric after every validation, so
+    :meth:`summary` can name the final and the best value.
 
     The metric is the one the first ``ModelCheckpoint`` monitors, else ``val/nll``, else ``val/loss``
     (lower is better for all of them unless the checkpoint says ``mode: max``).
@@ -22,12 +25,19 @@ class FitReport(Callback):
 
     def __init__(self) -> None:
         self.steps_taken = 0
+        #: the run folders this run may create (set by the CLI before the run starts)
+        self.folders: RunFolders | None = None
         self.metric: str | None = None
         self.history: list[tuple[int, float]] = []  # (global step, value) after each validation
         self._mode = "min"
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         self.steps_taken += 1
+
+    def remove_folders_if_untrained(self) -> None:
+        """After a failure: remove the run folders this run created if it took no optimiser step."""
+        if self.folders is not None and self.steps_taken == 0:
+            self.folders.remove_new()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":

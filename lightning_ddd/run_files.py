@@ -37,6 +37,7 @@ class RunFolders:
     """
 
     def __init__(self, trainer: pl.Trainer) -> None:
+        self.is_global_zero = trainer.is_global_zero  # one process removes
         candidates = [getattr(logger, "log_dir", None) for logger in trainer.loggers]
         candidates.append(os.path.join(trainer.log_dir or trainer.default_root_dir, "config.yaml"))
         if not trainer.loggers:  # ModelCheckpoint's folder without a logger
@@ -46,8 +47,8 @@ class RunFolders:
         self.stops = {p: _existing_ancestor(p) for p in self.new}
 
     def remove_new(self) -> None:
-        """Delete every noted path that now exists, then the empty folders made for it."""
-        for path in self.new:
+        """Delete every noted path that now exists, then the empty folders made for it (on rank 0)."""
+        for path in self.new if self.is_global_zero else ():
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             elif os.path.exists(path):

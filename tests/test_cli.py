@@ -75,8 +75,9 @@ def fit(root, *extra):
 def test_fit_logs_to_tensorboard_and_checkpoints(tmp_path):
     fit(tmp_path)
     tags = event_tags(tmp_path)
-    for tag in ["train/loss", "val/loss", "val/nll", "val/ppl", "val/bpd", "lr-AdamW"]:
+    for tag in ["train/loss", "val/nll", "val/ppl", "val/bpd", "lr-AdamW"]:
         assert tag in tags, (tag, tags)
+    assert "val/loss" not in tags and "hp_metric" not in tags  # val/nll is the teacher's val/loss; no -1 hp_metric
     (ckpt,) = glob.glob(str(tmp_path / "**" / "last.ckpt"), recursive=True)
     assert torch.load(ckpt, weights_only=False)["lightning_ddd_class"] == "DiffusionTeacher"
 

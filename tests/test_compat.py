@@ -77,3 +77,34 @@ def test_the_callbacks_scorer_builds_its_metrics_without_sync():
     for sync in (True, False):
         scorer = SampleScorer(MetricOptions(evaluator="oracle"), data, 3, sync_on_compute=sync)
         assert scorer.metrics and all(metric.sync_on_compute is sync for metric in scorer.metrics)
+
+
+def test_lightning_cli_merges_checkpoint_hyperparameters_in_parse_ckpt_path():
+    """``lightning_ddd.cli`` overrides ``_parse_ckpt_path`` to check a checkpoint's hyperparameters against the
+    command line: LightningCLI must still call it between parsing and instantiating."""
+    import inspect
+
+    from lightning.pytorch.cli import LightningCLI
+
+    source = inspect.getsource(LightningCLI.__init__)
+    parse, merge, build = (source.find(s) for s in ("self.parse_arguments(", "self._parse_ckpt_path()",
+                                                     "self.instantiate_classes()"))
+    assert -1 < parse < merge < build
+
+
+@pytest.mark.parametrize("turned_off", [False, True])
+def test_default_hp_metric_can_be_turned_off_after_construction(tmp_path, turned_off):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_ddd.compat import turn_off_default_hp_metric
+
+    logger = TensorBoardLogger(str(tmp_path), name="run")  # default_hp_metric=True, as Lightning's default
+    if turned_off:
+        turn_off_default_hp_metric(logger)
+    logger.log_hyperparams({"lr": 0.1})
+    logger.finalize("success")
+    (events,) = tmp_path.rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert ("hp_metric" in acc.Tags()["scalars"]) is not turned_off

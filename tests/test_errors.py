@@ -83,9 +83,20 @@ def teacher_ckpt(tmp_path_factory):
 def student_ckpt(tmp_path_factory, teacher_ckpt):
     root = tmp_path_factory.mktemp("student")
     main(["fit", "-c", TINY_DMMD, "--model.init_args.teacher_ckpt", teacher_ckpt, "--trainer.max_steps", "2",
-          "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root)])
+          "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root),
+          "--trainer.callbacks+=LearningRateMonitor"])
     (path,) = glob.glob(str(root / "**" / "last.ckpt"), recursive=True)
     return path
+
+
+def test_dmmd_learning_rate_curves_are_named(student_ckpt):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(os.path.join(os.path.dirname(os.path.dirname(student_ckpt)), "events.out.tfevents.*"))
+    acc = EventAccumulator(events)
+    acc.Reload()
+    lr_tags = sorted(tag for tag in acc.Tags()["scalars"] if tag.startswith("lr-"))
+    assert lr_tags == ["lr-auxiliary", "lr-student"]
 
 
 # ---- the parser's own errors: one line naming the key, the value and the closest valid names ----------
