@@ -118,10 +118,15 @@ def suggestion(name: str, choices: Iterable[str], listed: int = 12) -> str:
     choices = sorted(dict.fromkeys(choices))
     near = closest(name, choices)
     if near:
-        return "; did you mean " + (f"{', '.join(near[:-1])} or {near[-1]}" if len(near) > 1 else near[0]) + "?"
+        return f"; did you mean {_or(near)}?"
     if choices and len(choices) <= listed:
         return "; choose from " + ", ".join(choices)
     return ""
+
+
+def _or(names: list[str]) -> str:
+    """"A", "A or B", "A, B or C"."""
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def known_subclasses(bases: Iterable[type]) -> list[type]:
@@ -282,7 +287,7 @@ def explain_parser_error(message: str, ex: BaseException | None, option_keys: It
         bad = m.group(1).split("=", 1)[0]
         options = [k.lstrip("-") for k in option_keys if k.startswith("--")]
         near = closest(bad, options)
-        hint = f"; did you mean --{' or --'.join(near)}?" if near else "; see --help"
+        hint = f"; did you mean {_or(['--' + n for n in near])}?" if near else "; see --help"
         return f"unknown option --{bad}{hint}"
 
     # a class name that does not exist
@@ -305,7 +310,7 @@ def explain_parser_error(message: str, ex: BaseException | None, option_keys: It
         in_module = [c for c in classes if module and c.__module__.startswith(module)]
         choices = [c.__name__ for c in (in_module or classes)]
         label = _class_label(bases)
-        key = _key(segments) or "value"
+        key = _key(segments) or (m.group(1) if (m := re.match(r"(--[\w.]+): ", message)) else "value")
         exists = import_path(bad) is not None if "." in bad else False
         what = f"'{bad}' is not a {label}" if exists else f"no {label} is called '{bad}'"
         return f"{key}: {what}" + suggestion(name, choices)
