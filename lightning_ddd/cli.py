@@ -16,6 +16,7 @@ a finished ``fit`` ends with one summary line (:mod:`lightning_ddd.fit_report`).
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from contextvars import ContextVar
@@ -132,6 +133,7 @@ class LightningDDDCLI(LightningCLI):
         # student checkpoint would build the student with the teacher's trainer settings
         wanted = import_path(model.get("class_path") or "") if model is not None else None
         check_class(self._checkpoint, path, wanted if isinstance(wanted, type) else None)
+        _check_hparams_fit_class(self._checkpoint, path, hparams)
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         before = _flatten(model)
@@ -202,6 +204,23 @@ class LightningDDDCLI(LightningCLI):
 
 def _fit_report(trainer) -> FitReport | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, FitReport)), None)
+
+
+def _check_hparams_fit_class(ckpt: dict[str, Any], path: str, hparams: dict[str, Any]) -> None:
+    """Refuse hyperparameters that the checkpoint's class no longer takes (written by another version)."""
+    cls = import_path(hparams.get("_class_path") or "")
+    if not isinstance(cls, type):
+        return
+    parameters = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = [k for k in hparams if k != "_class_path" and k not in parameters]
+    if unknown:
+        raise CheckpointError(
+            f"the hyperparameters of checkpoint '{path}' ({checkpoint_origin(ckpt, path)}) name arguments that "
+            f"{cls.__name__} does not take ({', '.join(unknown)}), so the model cannot be built from them; use the "
+            "version of the code that wrote it."
+        )
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

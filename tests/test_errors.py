@@ -253,6 +253,12 @@ def test_checkpoint_that_does_not_fit_names_weights_and_run(teacher_ckpt, tmp_pa
         os.remove(ok_name)
 
 
+def test_checkpoint_hyperparameters_of_another_version(teacher_ckpt, tmp_path, work, capsys):
+    bad = edited_checkpoint(teacher_ckpt, tmp_path / "newer.ckpt", lambda c: c["hyper_parameters"].update(bogus=1))
+    assert_one_line_error(["sample", "-c", TINY, "--ckpt_path", bad, "--output_dir", "out"], [
+        f"the hyperparameters of checkpoint '{bad}'", "DiffusionTeacher does not take (bogus)"], capsys, work, code=1)
+
+
 def test_teacher_config_resumed_from_a_student_checkpoint(student_ckpt, work, capsys):
     assert_one_line_error([*fit_args(), "--ckpt_path", student_ckpt], [
         f"checkpoint '{student_ckpt}' holds a DMMDStudent", "but this run needs a DiffusionTeacher"], capsys, work)
