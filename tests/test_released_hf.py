@@ -6,7 +6,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lightning_ddd.released import HFMaskedLM, ReleasedModelError, ReleasedTeacher  # noqa: E402
+from lightning_ddd.modules import ReleasedTeacher  # noqa: E402
+from lightning_ddd.released import HFMaskedLM, ReleasedModelError  # noqa: E402
 from lightning_ddd.released.hf import SUPPRESSED_LOGIT  # noqa: E402
 from released_layouts import random_dit, tiny_config, write_mdlm, write_word_tokenizer  # noqa: E402
 
