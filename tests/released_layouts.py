@@ -83,6 +83,19 @@ def write_sedd(folder, model: DiT, graph: str = "absorb", noise: str = "loglinea
     return str(folder)
 
 
+def write_bert(folder, mask_token: bool = True):
+    """A tiny BertForMaskedLM (hidden dropout 0.1) and its word-level tokenizer (20 ids; <mask> is id 2 when
+    present), saved with save_pretrained: the layout of any transformers masked LM on the hub."""
+    import transformers
+
+    words = write_word_tokenizer(folder, 20, mask=mask_token)
+    config = transformers.BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=12)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).eval().save_pretrained(folder)
+    return str(folder), words
+
+
 def write_hub_cache(cache_dir, hub_id: str, source_folder: str, commit: str = COMMIT) -> str:
     """Put ``source_folder``'s files into a Hugging Face cache as snapshot ``commit`` of ``hub_id`` (ref main)."""
     repo = os.path.join(cache_dir, "models--" + hub_id.replace("/", "--"))
