@@ -252,3 +252,13 @@ def test_unknown_hub_teacher_from_the_command_line_is_one_line(releases, tmp_pat
                                                          tmp_path, "--model.teacher_options.cache_dir", str(tmp_path / "hf")))
     assert message.startswith("error: hub model 'acme/not-downloaded'") and "hf download acme/not-downloaded" in message
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("student", ["DMMDStudent", "MixtureStudent"])
+def test_help_explains_released_teachers(student, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", student])
+    out = capsys.readouterr().out
+    for text in ["kuleshov-group/mdlm-owt", "--model.teacher_options.revision", "--model.teacher_options.trust_remote_code",
+                 "--model.teacher_options.dropout", "resolved commit"]:
+        assert text in out, text
