@@ -262,3 +262,33 @@ def test_help_explains_released_teachers(student, capsys):
     for text in ["kuleshov-group/mdlm-owt", "--model.teacher_options.revision", "--model.teacher_options.trust_remote_code",
                  "--model.teacher_options.dropout", "resolved commit"]:
         assert text in out, text
+
+
+def test_extra_input_reaches_a_model_without_inputs_embeds_through_a_hook(releases):
+    """A masked LM whose forward takes ids only gets the same extra input through a hook on its embeddings."""
+    bert = transformers.AutoModelForMaskedLM.from_pretrained(releases["bert"]).eval()
+
+    class IdsOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids)
+
+    direct, hooked = HFMaskedLM(bert, 2, 20, 12), HFMaskedLM(IdsOnly(bert), 2, 20, 12)
+    for wrapper in (direct, hooked):
+        wrapper.add_cond_input(4)
+    g = torch.Generator().manual_seed(0)
+    z, _ = noisy_batch(20, 12, g, low=3)
+    cond = torch.randn(3, 12, 4, generator=g)
+    torch.testing.assert_close(hooked(z, None, cond), direct(z))  # zero-initialised: no change
+    with torch.no_grad():  # the same non-zero projection in both
+        direct.cond_proj[2].weight.copy_(0.5 * torch.randn(direct.cond_proj[2].weight.shape, generator=g))
+    hooked.cond_proj.load_state_dict(direct.cond_proj.state_dict())
+    torch.testing.assert_close(hooked(z, None, cond), direct(z, None, cond))
+    assert not torch.allclose(hooked(z, None, cond), direct(z))
+    assert not bert.get_input_embeddings()._forward_hooks  # the hook is removed after each call
