@@ -4,6 +4,7 @@ from lightning_ddd.modules.autoregressive import ARLanguageModel
 from lightning_ddd.modules.base import DiffusionModule
 from lightning_ddd.modules.dmmd_student import DMMDStudent
 from lightning_ddd.modules.mixture_student import MixtureStudent
+from lightning_ddd.modules.sdtt_student import SDTTStudent
 from lightning_ddd.modules.student import DistilledStudent
 from lightning_ddd.modules.teacher import DiffusionTeacher
 
@@ -14,4 +15,5 @@ __all__ = [
     "DiffusionTeacher",
     "DistilledStudent",
     "MixtureStudent",
+    "SDTTStudent",
 ]
