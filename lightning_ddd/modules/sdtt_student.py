@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lightning_ddd.diffusion import sdtt
 from lightning_ddd.diffusion.processes import MaskedProcess
 from lightning_ddd.modules.base import Shared
-from lightning_ddd.modules.student import DistilledStudent
+from lightning_ddd.modules.student import DistilledStudent, TeacherOptions
 from lightning_ddd.modules.student_losses import DistillationLoss
 
 __all__ = ["SDTTContext", "SDTTLoss", "SDTTSettings", "SDTTStudent"]
@@ -131,7 +131,8 @@ class SDTTStudent(DistilledStudent):
     round on it is not the teacher file), so a resumed run continues the same round exactly.
 
     Args:
-        teacher_ckpt: path of the first round's teacher (not ``ckpt_path``, which resumes the student).
+        teacher_ckpt: the first round's teacher: a project checkpoint, a hub id or a hub-layout directory (not
+            ``ckpt_path``, which resumes the student).
         vocab_size: linked from the data; must equal the teacher's.
         seq_len: linked from the data; must equal the teacher's.
         sdtt: the rounds: the teacher's step count, k, the number of rounds and their length.
@@ -141,6 +142,8 @@ class SDTTStudent(DistilledStudent):
         lr_scheduler: optional LR schedule, stepped every optimiser step.
         seed: seed of the training noise.
         teacher_sha256: expected hash of the teacher file (leave unset; see ``DistilledStudent``).
+        teacher_options: how a released teacher is loaded (revision, trust_remote_code, ...) and the dropout of
+            the student's copy (see ``DistilledStudent``).
     """
 
     context_class = SDTTContext
@@ -156,9 +159,10 @@ class SDTTStudent(DistilledStudent):
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
         teacher_sha256: str | None = None,
+        teacher_options: TeacherOptions = TeacherOptions(),
     ) -> None:
         super().__init__(teacher_ckpt, vocab_size, seq_len, optimizer, lr_scheduler, seed, teacher_sha256,
-                         losses=[SDTTLoss()] if losses is None else losses)
+                         losses=[SDTTLoss()] if losses is None else losses, teacher_options=teacher_options)
         if not isinstance(self.process, MaskedProcess):
             raise ValueError(
                 f"SDTTStudent distils masked diffusion, but the teacher's process is {type(self.process).__name__}; "
