@@ -15,6 +15,7 @@ import shutil
 import torch
 
 from lightning_ddd.released.dit import DiT, DiTConfig, release_state_dict
+from lightning_ddd.released.make_tiny import write_mdlm_release, write_word_tokenizer  # noqa: F401 (re-exported)
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "remote_mdlm")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -47,24 +48,20 @@ def save_weights(state: dict, folder: str, fmt: str) -> None:
 
 
 def write_mdlm(folder, model: DiT, fmt: str = "bin", remote_code: bool = False) -> str:
-    """MDLM's hub layout for ``model`` (time_conditioning from its config)."""
-    os.makedirs(folder, exist_ok=True)
-    c = model.config
-    config = {
-        "architectures": ["MDLM"], "model_type": "mdlm", "vocab_size": c.num_embeddings, "model_length": c.length,
-        "hidden_dim": c.hidden_size, "cond_dim": c.cond_dim, "n_blocks": c.n_blocks, "n_heads": c.n_heads,
-        "dropout": c.dropout, "time_conditioning": c.time_input != "none",
-    }
+    """MDLM's hub layout for ``model`` (time_conditioning from its config), written by the package's own writer."""
+    folder = str(folder)
+    write_mdlm_release(folder, model, "safetensors" if fmt == "safetensors" else "bin")
     if remote_code:  # as on the hub, where config.json maps the Auto classes to the repository's own code
+        path = os.path.join(folder, "config.json")
+        with open(path) as f:
+            config = json.load(f)
         config["auto_map"] = {"AutoConfig": "configuration_refmdlm.RefMDLMConfig",
                               "AutoModelForMaskedLM": "modeling_refmdlm.RefMDLM"}
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    save_weights(release_state_dict(model, "backbone."), str(folder), fmt)
-    if remote_code:
+        with open(path, "w") as f:
+            json.dump(config, f)
         for name in ("configuration_refmdlm.py", "modeling_refmdlm.py", "reference_dit.py"):
             shutil.copy(os.path.join(ASSETS, name), folder)
-    return str(folder)
+    return folder
 
 
 def write_sedd(folder, model: DiT, graph: str = "absorb", noise: str = "loglinear", fmt: str = "bin",
@@ -86,18 +83,17 @@ def write_sedd(folder, model: DiT, graph: str = "absorb", noise: str = "loglinea
     return str(folder)
 
 
-def write_word_tokenizer(folder, num_tokens: int, mask: bool = False) -> list[str]:
-    """A word-level tokenizer with ``num_tokens`` ids (id 0 is EOS, 1 is UNK), saved with save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def write_bert(folder, mask_token: bool = True):
+    """A tiny BertForMaskedLM (hidden dropout 0.1) and its word-level tokenizer (20 ids; <mask> is id 2 when
+    present), saved with save_pretrained: the layout of any transformers masked LM on the hub."""
+    import transformers
 
-    specials = ["<eos>", "<unk>"] + (["<mask>"] if mask else [])
-    words = specials + [f"w{i}" for i in range(num_tokens - len(specials))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    extra = {"mask_token": "<mask>"} if mask else {}
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", **extra).save_pretrained(folder)
-    return words
+    words = write_word_tokenizer(folder, 20, mask=mask_token)
+    config = transformers.BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=12)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).eval().save_pretrained(folder)
+    return str(folder), words
 
 
 def write_hub_cache(cache_dir, hub_id: str, source_folder: str, commit: str = COMMIT) -> str:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lightning_ddd.diffusion.sampling import sample
-from lightning_ddd.released import ReleasedModelError, ReleasedTeacher, release_name_map
+from lightning_ddd.modules import ReleasedTeacher
+from lightning_ddd.released import ReleasedModelError, release_name_map
 from lightning_ddd.released.dit import DiT, loglinear_sigma, release_state_dict
 from released_layouts import random_dit, reference_forward, tiny_config, write_mdlm, write_sedd
 

@@ -6,9 +6,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lightning_ddd.released import HFMaskedLM, ReleasedModelError, ReleasedTeacher  # noqa: E402
+from lightning_ddd.modules import ReleasedTeacher  # noqa: E402
+from lightning_ddd.released import HFMaskedLM, ReleasedModelError  # noqa: E402
 from lightning_ddd.released.hf import SUPPRESSED_LOGIT  # noqa: E402
-from released_layouts import random_dit, tiny_config, write_mdlm, write_word_tokenizer  # noqa: E402
+from released_layouts import random_dit, tiny_config, write_bert, write_mdlm, write_word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -17,16 +18,6 @@ def modules_cache(monkeypatch, tmp_path_factory):
     import transformers.dynamic_module_utils as dynamic
 
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path_factory.getbasetemp() / "hf-modules"))
-
-
-def write_bert(folder, mask_token: bool = True):
-    """A tiny BertForMaskedLM and its word-level tokenizer (20 ids; <mask> is id 2 when present)."""
-    words = write_word_tokenizer(folder, 20, mask=mask_token)
-    config = transformers.BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=12)
-    torch.manual_seed(0)
-    transformers.BertForMaskedLM(config).eval().save_pretrained(folder)
-    return str(folder), words
 
 
 def test_bert_masked_lm_as_teacher(tmp_path):

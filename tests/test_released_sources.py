@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from lightning_ddd.released import ReleasedModelError, ReleasedTeacher, resolve_source
+from lightning_ddd.modules import ReleasedTeacher
+from lightning_ddd.released import ReleasedModelError, resolve_source
 from lightning_ddd.released.sources import directory_sha256
 from released_layouts import COMMIT, random_dit, tiny_config, write_hub_cache, write_mdlm
 

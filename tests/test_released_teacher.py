@@ -12,8 +12,9 @@ from lightning_ddd.checkpoints import file_sha256 as check_sha
 from lightning_ddd.cli import main
 from lightning_ddd.diffusion.likelihood import estimate_nll
 from lightning_ddd.modules import DiffusionTeacher
-from lightning_ddd.released import ReleasedTeacher, check_identity, load_teacher_source
-from lightning_ddd.released.teacher import VAL_STREAM
+from lightning_ddd.modules import ReleasedTeacher, TeacherOptions, load_teacher_source
+from lightning_ddd.modules.released_teacher import VAL_STREAM
+from lightning_ddd.modules.teacher_source import check_identity
 from released_layouts import random_dit, tiny_config, write_mdlm, write_word_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,4 +129,4 @@ def test_teacher_sources_for_students(release, tmp_path):
     assert isinstance(loaded, DiffusionTeacher) and not loaded.training and loaded.identity["sha256"]
     assert loaded.identity["sha256"] == check_sha(path)
     with pytest.raises(ValueError, match="lightning_ddd checkpoint"):
-        load_teacher_source(path, revision="main")
+        load_teacher_source(path, TeacherOptions(revision="main"))

@@ -182,7 +182,7 @@ def test_settings_and_losses_round_trip_through_a_checkpoint(teacher_ckpt, tmp_p
     s = small(teacher_ckpt, losses=losses, hybrid_teacher_steps=1, vocab_size=5, seq_len=8)  # as the CLI links them
     # Saved once, by the base: the student's own arguments, not the copied process/backbone or factories.
     assert set(s.hparams) == {"teacher_ckpt", "vocab_size", "seq_len", "mixture", "times", "losses",
-                              "hybrid_teacher_steps", "seed", "teacher_sha256"}
+                              "hybrid_teacher_steps", "seed", "teacher_sha256", "teacher_options"}
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(s, MarkovChain(vocab_size=5, seq_len=8, num_train=16, num_val=16, batch_size=8))
@@ -231,4 +231,4 @@ def test_help_shows_each_settings_block(student, expected, capsys):
     for text in expected:
         assert text in out, text
     cls = {"MixtureStudent": MixtureStudent, "DMMDStudent": DMMDStudent}[student]
-    assert len(inspect.signature(cls.__init__).parameters) - 1 <= 12  # settings grouped: a short constructor
+    assert len(inspect.signature(cls.__init__).parameters) - 1 <= 13  # settings grouped: a short constructor

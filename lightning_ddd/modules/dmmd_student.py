@@ -27,7 +27,7 @@ from torch import Tensor
 from lightning_ddd.diffusion.dmmd import TeacherShaping, loss_positions, masked_mean
 from lightning_ddd.diffusion.processes import MaskedProcess
 from lightning_ddd.modules.base import NoiseStream, shared_attribute
-from lightning_ddd.modules.student import DistilledStudent
+from lightning_ddd.modules.student import DistilledStudent, TeacherOptions
 from lightning_ddd.modules.student_losses import DistillationLoss, DMMDAuxiliaryLoss, DMMDContext, DMMDGeneratorLoss
 
 #: noise inputs of a masked student when ``noise_dim`` is left at None
@@ -90,7 +90,8 @@ class DMMDStudent(DistilledStudent):
     losses measure the two models against each other, not the samples; use ``evaluate``.
 
     Args:
-        teacher_ckpt: path of the teacher's checkpoint (not ``ckpt_path``, which resumes the student).
+        teacher_ckpt: the teacher: a lightning_ddd ``.ckpt`` (not ``ckpt_path``, which resumes the student), a hub
+            id (e.g. ``kuleshov-group/mdlm-owt``) or a local directory in the hub's layout.
         vocab_size: linked from the data; must equal the teacher's.
         seq_len: linked from the data; must equal the teacher's.
         dmmd: the step count k, the noise input, the weighting w(s) and the gradient clipping.
@@ -104,7 +105,9 @@ class DMMDStudent(DistilledStudent):
         lr_scheduler: optional LR schedule of the student, stepped at every student update.
         aux_lr_scheduler: optional LR schedule of the auxiliary, stepped at every auxiliary update.
         seed: seed of the training noise.
-        teacher_sha256: expected hash of the teacher file (leave unset; see ``DistilledStudent``).
+        teacher_sha256: expected hash of the teacher file or directory (leave unset; see ``DistilledStudent``).
+        teacher_options: how a released teacher is loaded (revision, trust_remote_code, ...) and the dropout of
+            the student's copy.
     """
 
     aux_optimizer_factory = shared_attribute()
@@ -128,9 +131,10 @@ class DMMDStudent(DistilledStudent):
         aux_lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
         teacher_sha256: str | None = None,
+        teacher_options: TeacherOptions = TeacherOptions(),
     ) -> None:
         super().__init__(teacher_ckpt, vocab_size, seq_len, optimizer, lr_scheduler, seed, teacher_sha256,
-                         losses=dmmd_losses() if losses is None else losses)
+                         losses=dmmd_losses() if losses is None else losses, teacher_options=teacher_options)
         trained = {loss.trains for loss in self.losses}
         if trained != {"student", "auxiliary"}:
             raise ValueError(f"DMMDStudent: the losses must train both the student and the auxiliary, got {sorted(trained)}.")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lightning_ddd.diffusion.mixture import Di4CTimes, correlation
 from lightning_ddd.diffusion.sampling import SampleOutput, sample
-from lightning_ddd.modules.student import DistilledStudent
+from lightning_ddd.modules.student import DistilledStudent, TeacherOptions
 from lightning_ddd.modules.student_losses import (
     Di4CConsistencyLoss,
     Di4CContext,
@@ -114,7 +114,8 @@ class MixtureStudent(DistilledStudent):
     once the mixture explains the data better than its own marginals do).
 
     Args:
-        teacher_ckpt: path of the teacher's checkpoint (not ``ckpt_path``, which resumes the student).
+        teacher_ckpt: the teacher: a lightning_ddd ``.ckpt`` (not ``ckpt_path``, which resumes the student), a hub
+            id (e.g. ``kuleshov-group/mdlm-owt``) or a local directory in the hub's layout.
         vocab_size: linked from the data; must equal the teacher's.
         seq_len: linked from the data; must equal the teacher's.
         mixture: the latent lambda: number of draws M and its input features.
@@ -126,7 +127,9 @@ class MixtureStudent(DistilledStudent):
         optimizer: optimiser of the student's parameters.
         lr_scheduler: optional LR schedule, stepped every optimiser step.
         seed: seed of the training noise.
-        teacher_sha256: expected hash of the teacher file (leave unset; see ``DistilledStudent``).
+        teacher_sha256: expected hash of the teacher file or directory (leave unset; see ``DistilledStudent``).
+        teacher_options: how a released teacher is loaded (revision, trust_remote_code, ...) and the dropout of
+            the student's copy.
     """
 
     context_class = Di4CContext
@@ -144,11 +147,12 @@ class MixtureStudent(DistilledStudent):
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
         teacher_sha256: str | None = None,
+        teacher_options: TeacherOptions = TeacherOptions(),
     ) -> None:
         if hybrid_teacher_steps < 0:
             raise ValueError(f"MixtureStudent: hybrid_teacher_steps={hybrid_teacher_steps} must be >= 0.")
         super().__init__(teacher_ckpt, vocab_size, seq_len, optimizer, lr_scheduler, seed, teacher_sha256,
-                         losses=di4c_losses() if losses is None else losses)
+                         losses=di4c_losses() if losses is None else losses, teacher_options=teacher_options)
         if getattr(self.backbone, "cond_proj", None) is not None:
             raise ValueError("MixtureStudent: the teacher's backbone already has a conditioning input; distil a plain teacher.")
         cond_dim = mixture.lambda_dim + mixture.position_dim

@@ -4,6 +4,8 @@ The project's masked process gives the mask the id V (one past the real tokens);
 id somewhere in its vocabulary. The wrapper translates: input id V becomes the release's mask id, the output
 keeps the V real-token columns, and when the release's mask id is one of them (BERT's ``[MASK]``, LLaDA's
 ``<|mdm_mask|>``) that column gets a logit of ``SUPPRESSED_LOGIT``, i.e. probability zero after the softmax.
+A student's extra input is added to the output of the release's input embeddings (through ``inputs_embeds``,
+or a forward hook on the embedding module when the forward does not take them).
 V is the length of the release's tokenizer (the data's vocabulary), or the embedding rows without a trailing
 mask when there is no tokenizer. A time input, when the release's forward takes one (MDLM's hub code takes
 ``timesteps``, the total noise sigma), is filled from t.
@@ -64,11 +66,11 @@ class HFMaskedLM(EmbeddingConditioning, nn.Module):
         return input_embeddings(self.model).weight
 
     def add_cond_input(self, cond_dim: int) -> None:
-        if "inputs_embeds" not in inspect.signature(self.model.forward).parameters or not self.d_model:
+        """Add the zero-initialised extra input at the release's token embeddings (see ``forward``)."""
+        if not self.d_model:
             raise ReleasedModelError(
-                f"{type(self.model).__name__} takes no inputs_embeds (or exposes no input embeddings), so a "
-                "conditioning input cannot be added at its embeddings; use a release the project rebuilds natively "
-                "(MDLM, SEDD)."
+                f"{type(self.model).__name__} exposes no input embeddings (get_input_embeddings), so a conditioning "
+                "input cannot be added at its embeddings; use a release the project rebuilds natively (MDLM, SEDD)."
             )
         super().add_cond_input(cond_dim)
 
@@ -92,9 +94,16 @@ class HFMaskedLM(EmbeddingConditioning, nn.Module):
         kwargs: dict[str, Any] = self._time_kwargs(t, B, z.device)
         if cond is None:
             out = self.model(input_ids=ids, **kwargs)
-        else:
+        elif "inputs_embeds" in inspect.signature(self.model.forward).parameters:
             embeds = input_embeddings(self.model)(ids) + self.cond_term(cond, B, L)  # (B, L, d)
             out = self.model(inputs_embeds=embeds, **kwargs)
+        else:  # a forward hook adds the term to the embedding module's output
+            term = self.cond_term(cond, B, L)  # (B, 1 or L, d)
+            handle = input_embeddings(self.model).register_forward_hook(lambda module, args, output: output + term)
+            try:
+                out = self.model(input_ids=ids, **kwargs)
+            finally:
+                handle.remove()
         logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
         if logits.dim() != 3 or logits.shape[-1] < self.vocab_size:
             raise ReleasedModelError(f"{type(self.model).__name__} returned logits of shape {tuple(logits.shape)}; "

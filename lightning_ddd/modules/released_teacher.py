@@ -3,8 +3,7 @@
 ``ReleasedTeacher`` is a ``DiffusionModule`` whose backbone is a release (hub id or local directory) and whose
 process is the masked process with the release's log-linear schedule. Its ``denoise`` is the project's
 contract: (B, D) ids with the mask at V -> (B, D, V) fp32 log p(x | z_t), carry-over at visible positions.
-``load_teacher_source`` is the one entry point for students: a hub id, a directory or a project ``.ckpt``
-becomes a frozen teacher with an ``identity`` to record.
+Students take such a teacher through :func:`lightning_ddd.modules.teacher_source.load_teacher_source`.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ class ReleasedTeacher(DiffusionModule):
 
     For ``validate``, ``evaluate`` and ``sample``; it is not trained. Its vocabulary, mask and tokenizer come
     with the release: the data must use the same tokenizer (checked before any work), and its rows may be at
-    most as long as the release's context. Logs ``val/loss``, ``val/nll``, ``val/ppl``, ``val/bpd``.
+    most as long as the release's context. Logs ``val/nll``, ``val/ppl``, ``val/bpd``.
 
     Args:
         source: hub id (e.g. ``kuleshov-group/mdlm-owt``, ``louaaron/sedd-small``) or a local directory in the
@@ -162,8 +161,7 @@ class ReleasedTeacher(DiffusionModule):
             self.check_batch(x)
         generator = self.noise_generator(VAL_STREAM, batch_idx)  # the same draws every validation
         bound = estimate_nll(self.denoise, x, self.process, self.val_loss, self.val_num_draws, generator)
-        self.val_nll.update(bound, x.shape[1])
-        self.log("val/loss", bound.float().mean() / x.shape[1], sync_dist=True, batch_size=x.shape[0])
+        self.val_nll.update(bound, x.shape[1])  # logged as val/nll (no val/loss: the same number twice)
 
     def on_validation_epoch_end(self) -> None:
         for name, value in self.val_nll.compute().items():
@@ -181,42 +179,3 @@ def _fingerprint(name_or_path: str) -> str:
 
     load_tokenizer(name_or_path)  # a one-line error (with how to pre-download it) when it cannot be loaded
     return HFTokenizer(name_or_path).fingerprint()
-
-
-def load_teacher_source(
-    source: str,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    **kwargs: Any,
-) -> DiffusionModule:
-    """A frozen teacher in eval mode from a hub id, a local directory, or a lightning_ddd ``.ckpt``.
-
-    The returned module has ``denoise``, ``process``, ``vocab_size``, ``seq_len``, ``backbone`` and ``identity``
-    (hub id + commit, or path + SHA-256), which a student records in its hyperparameters and checks on resume.
-    Keyword arguments go to :class:`ReleasedTeacher`.
-    """
-    if source.endswith(".ckpt") or os.path.isfile(source):
-        from lightning_ddd.checkpoints import file_sha256
-        from lightning_ddd.modules.student import load_teacher
-
-        if revision is not None or trust_remote_code or kwargs:
-            raise ValueError(f"'{source}' is a lightning_ddd checkpoint; revision, trust_remote_code and release "
-                             "options apply to hub ids and directories only.")
-        teacher = load_teacher(source)
-        teacher.identity = {"source": os.path.abspath(source), "revision": None, "sha256": file_sha256(source)}
-        return teacher
-    teacher = ReleasedTeacher(source, revision, trust_remote_code, **kwargs)
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
-def check_identity(recorded: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """Raise one line when a resumed student's recorded teacher identity differs from the teacher loaded now."""
-    if not recorded:
-        return
-    for key in ("revision", "sha256"):
-        if recorded.get(key) != current.get(key):
-            raise ValueError(
-                f"the teacher '{current.get('source')}' now has {key} {current.get(key)} but the student was trained "
-                f"against {recorded.get(key)}; load the original teacher (pin revision to that commit)."
-            )
