@@ -116,7 +116,10 @@ def test_teacher_sources_for_students(release, tmp_path):
     teacher = load_teacher_source(folder)
     assert isinstance(teacher, ReleasedTeacher) and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
-    assert teacher.identity["sha256"] and teacher.hparams["teacher_identity"] == teacher.identity
+    saved: dict = {}
+    teacher.on_save_checkpoint(saved)  # recorded beside the hyperparameters, which must stay init arguments
+    assert teacher.identity["sha256"] and saved["teacher_identity"] == teacher.identity
+    assert "teacher_identity" not in teacher.hparams and "schedule" not in teacher.hparams
     check_identity(teacher.identity, dict(teacher.identity))
     with pytest.raises(ValueError, match="sha256 .* but the student was trained against"):
         check_identity({**teacher.identity, "sha256": "0" * 64}, teacher.identity)

@@ -105,8 +105,6 @@ class ReleasedTeacher(DiffusionModule):
         self.release_kind, self.release_mask_id, self.tokenizer_name = release.kind, release.mask_id, release.tokenizer
         self.identity: dict[str, Any] = dict(release.source.identity)
         self.source_label = release.source.label
-        self.hparams["teacher_identity"] = self.identity
-        self.hparams["schedule"] = repr(self.process.schedule)  # MDLM and SEDD: LogLinearSchedule(eps=0.001)
         self.val_loss = val_loss if val_loss is not None else TimeDCE()
         self.val_loss.check_process(self.process)
         if self.val_loss.time_independent and backbone.time_conditioning:
@@ -170,6 +168,14 @@ class ReleasedTeacher(DiffusionModule):
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: dropout stays off even when a Trainer calls train()
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Recorded beside the hyperparameters (not in them: they are not init arguments, and a resumed run
+        # rebuilds the module from its init arguments).
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["teacher_identity"] = dict(self.identity)
+        checkpoint["schedule"] = repr(self.process.schedule)  # MDLM and SEDD: LogLinearSchedule(eps=0.001)
 
 
 @functools.lru_cache(maxsize=8)
