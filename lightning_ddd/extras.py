@@ -7,6 +7,7 @@ an extra; a feature that needs a missing one fails before any work with the comm
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 #: import name -> (distribution name, extra that installs it)
 OPTIONAL: dict[str, tuple[str, str]] = {
@@ -17,6 +18,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "datasets": ("datasets", "text"),
     "transformers": ("transformers", "text"),
     "safetensors": ("safetensors", "text"),
+    "huggingface_hub": ("huggingface-hub", "text"),
 }
 
 
@@ -37,5 +39,5 @@ def install_hint(module: str, feature: str | None = None) -> str | None:
 def require(*modules: str, feature: str) -> None:
     """Raise ``MissingExtraError`` naming the extra if any of ``modules`` cannot be imported (nothing is imported)."""
     for module in modules:
-        if importlib.util.find_spec(module) is None:
+        if sys.modules.get(module) is None and importlib.util.find_spec(module) is None:  # a loaded module counts
             raise MissingExtraError(install_hint(module, feature) or f"{feature} needs the package '{module}'.")

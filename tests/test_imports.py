@@ -160,6 +160,31 @@ def test_quickstart_trains_and_samples_without_extras(tmp_path):
     assert json.loads((tmp_path / "s" / "samples.json").read_text())["num_samples"] == 4
 
 
+def test_hugging_face_paths_without_the_text_extra_are_one_line_naming_it(tmp_path):
+    """Tokenizer, dataset, evaluator and hub release on ``pip install .`` alone: each names the ``text`` extra
+    (and nothing is written)."""
+    code = ("import sys\n"
+            "from lightning_ddd.data import TextDataModule\n"
+            "from lightning_ddd.data.tokenizers import HFTokenizer\n"
+            "from lightning_ddd.extras import MissingExtraError\n"
+            "from lightning_ddd.metrics.perplexity import HFCausalLMEvaluator\n"
+            "from lightning_ddd.released.sources import resolve_source\n"
+            "calls = [lambda: HFTokenizer('gpt2'), lambda: HFCausalLMEvaluator('gpt2'),\n"
+            "         lambda: TextDataModule(dataset='wikitext', cache_dir=sys.argv[1]).prepare_data(),\n"
+            "         lambda: resolve_source('kuleshov-group/mdlm-owt')]\n"
+            "for call in calls:\n"
+            "    try:\n"
+            "        call()\n"
+            "    except MissingExtraError as err:\n"
+            "        print(err)\n")
+    out = without_extras("-c", code, str(tmp_path / "cache"), hide="transformers,datasets,huggingface_hub")
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(line.endswith('pip install "lightning_ddd[text]"') for line in lines), lines
+    assert "HFTokenizer('gpt2')" in lines[0] and "'gpt2'" in lines[1] and "wikitext" in lines[2]
+    assert "mdlm-owt" in lines[3] and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("args, hide, extra, package", [
     (["fit", "-c", TINY, "--data", "Digits"], None, "images", "scikit-learn"),
     (["fit", "-c", TINY, "--trainer.callbacks+=lightning_ddd.callbacks.TemperatureSweep"], None, "plots",

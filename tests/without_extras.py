@@ -15,7 +15,7 @@ import sys
 #: import name -> distribution name (normalised)
 OPTIONAL = {"torch_fidelity": "torch_fidelity", "torchvision": "torchvision", "sklearn": "scikit_learn",
             "scipy": "scipy", "matplotlib": "matplotlib", "datasets": "datasets", "transformers": "transformers",
-            "safetensors": "safetensors"}
+            "safetensors": "safetensors", "huggingface_hub": "huggingface_hub"}
 HIDDEN_MODULES = set(filter(None, os.environ.get("WITHOUT_EXTRAS_HIDE", ",".join(OPTIONAL)).split(",")))
 HIDDEN_DISTRIBUTIONS = {OPTIONAL[name] for name in HIDDEN_MODULES}
 

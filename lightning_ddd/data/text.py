@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_ddd.extras import require
 from lightning_ddd.data.base import TokenDataModule
 from lightning_ddd.data.encode import BATCH_DOCS, encode_documents, is_blank
 from lightning_ddd.data.text_sources import (
@@ -291,13 +292,9 @@ class TextDataModule(TokenDataModule):
         return self._read_hf()
 
     def _read_hf(self) -> tuple[Sequence[str], Iterable[str] | None]:
-        try:
-            import datasets
-        except ImportError as err:
-            raise ImportError(
-                f"dataset='{self.dataset}' is a Hugging Face dataset and needs the 'datasets' package; "
-                "pip install datasets (or pip install 'lightning_ddd[text]'), or use dataset: pydoc / files"
-            ) from err
+        require("datasets", feature=f"dataset='{self.dataset}' (a Hugging Face dataset; offline, use dataset: pydoc or files)")
+        import datasets
+
         hub_id, config = self._hf_id()
         # With a character budget, stream: only the first max_chars characters are fetched.
         splits = datasets.load_dataset(hub_id, config, streaming=self.max_chars is not None)

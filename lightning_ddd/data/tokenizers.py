@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 from torch import Tensor
 
+from lightning_ddd.extras import require
+
 # Shown in decoded text where an id has no character (unknown chars, ids outside the vocabulary such
 # as a leftover mask token); the same mark UTF-8 decoding uses for broken bytes.
 REPLACEMENT_CHAR = "\ufffd"
@@ -159,13 +161,9 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, name_or_path: str = "gpt2") -> None:
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as err:
-            raise ImportError(
-                "HFTokenizer needs the 'transformers' package; pip install transformers "
-                "(or pip install 'lightning_ddd[text]')"
-            ) from err
+        require("transformers", feature=f"HFTokenizer('{name_or_path}')")
+        from transformers import AutoTokenizer
+
         self.name_or_path = name_or_path
         self._tok = AutoTokenizer.from_pretrained(name_or_path)
         # Tokenizers without an EOS (BERT-like) still have a separator that can play its part.

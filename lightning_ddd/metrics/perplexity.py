@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_ddd.extras import require
+
 Samples = Tensor | Sequence[str]
 
 
@@ -126,14 +128,9 @@ class HFCausalLMEvaluator(TorchEvaluator):
                  max_length: int | None = None, torch_dtype: str | None = None, model: nn.Module | None = None,
                  tokenizer: Callable | None = None) -> None:
         if model is None or tokenizer is None:
-            try:
-                import transformers
-            except ImportError as err:
-                raise ImportError(
-                    f"the evaluator '{name_or_path}' is a Hugging Face model and needs transformers, which is not "
-                    'installed: pip install "lightning_ddd[text]"; offline, use an ARLanguageModel checkpoint or '
-                    "'oracle' instead."
-                ) from err
+            require("transformers", feature=f"the evaluator '{name_or_path}' (a Hugging Face model; offline, use an "
+                    "ARLanguageModel checkpoint or 'oracle')")
+            import transformers
             tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
             dtype = getattr(torch, torch_dtype) if torch_dtype else None
             model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)

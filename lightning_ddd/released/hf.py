@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_ddd.extras import require
 from lightning_ddd.released.conditioning import EmbeddingConditioning
 from lightning_ddd.released.dit import loglinear_sigma
 from lightning_ddd.released.sources import ReleasedModelError
@@ -130,11 +131,9 @@ def input_embeddings(model: nn.Module) -> nn.Module | None:
 def auto_class(config: dict[str, Any], where: str, trust_remote_code: bool):
     """(transformers Auto class, whether it runs the release's code) for this config; refuses remote code
     unless ``trust_remote_code``. Reads only config.json."""
-    try:
-        import transformers
-    except ImportError as err:
-        raise ImportError(f"loading '{where}' through transformers needs the 'transformers' package; "
-                          "pip install transformers (or pip install 'lightning_ddd[text]')") from err
+    require("transformers", feature=f"loading '{where}' through transformers")
+    import transformers
+
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from lightning_ddd.extras import require
 from lightning_ddd.released.dit import DiT, DiTConfig, load_release_state_dict
 from lightning_ddd.released.hf import (
     HFMaskedLM,
@@ -198,10 +199,9 @@ def _load_transformers(resolved: ResolvedSource, config: dict[str, Any], where: 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The ``transformers`` tokenizer ``name_or_path`` (a directory, or a hub name from the cache or the network)."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as err:
-        raise ImportError("the release's tokenizer needs the 'transformers' package; pip install transformers") from err
+    require("transformers", feature=f"the release's tokenizer '{name_or_path}'")
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as err:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_ddd.extras import MissingExtraError, install_hint, require
+
 CONFIG = "config.json"
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 PYTORCH_BIN = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -105,14 +107,10 @@ def _patterns(weights: tuple[str, ...], allow_code: bool) -> list[str]:
 
 def _snapshot(hub_id: str, revision: str | None, cache_dir: str | None, local_files_only: bool | None,
               allow_code: bool) -> ResolvedSource:
-    try:
-        import huggingface_hub
-        from huggingface_hub import constants
-    except ImportError as err:
-        raise ImportError(
-            f"loading the hub model '{hub_id}' needs the 'huggingface_hub' package; pip install transformers "
-            "(or pip install 'lightning_ddd[text]'), or pass a local directory"
-        ) from err
+    require("huggingface_hub", feature=f"loading the hub model '{hub_id}' (or pass a local directory)")
+    import huggingface_hub
+    from huggingface_hub import constants
+
     rev = f" (revision {revision})" if revision else ""
     for weights in (SAFETENSORS, PYTORCH_BIN):  # the cache first: a downloaded model loads without the network
         try:
@@ -218,7 +216,7 @@ def read_weights(folder: str) -> dict[str, Tensor]:
             else:
                 state.update(torch.load(path, map_location="cpu", weights_only=True))
         except ImportError:
-            raise ImportError("reading .safetensors weights needs the 'safetensors' package; pip install safetensors") from None
+            raise MissingExtraError(install_hint("safetensors", "reading .safetensors weights")) from None
         except Exception as err:
             raise ReleasedModelError(f"weights '{path}' could not be read ({type(err).__name__}); the file is corrupt: re-download it.") from None
     return state
