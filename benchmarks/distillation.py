@@ -63,7 +63,7 @@ def markdown(rows: list[dict]) -> str:
 
 def run(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shipped = [n for n in ("di4c", "dmmd") if os.path.exists(f"configs/quickstart/{n}.yaml")]
+    shipped = [n for n in ("di4c", "dmmd", "dmmd_step_aware") if os.path.exists(f"configs/quickstart/{n}.yaml")]
     parser.add_argument("--students", nargs="*", default=shipped, help="configs/quickstart/<name>.yaml")
     parser.add_argument("--teacher-ckpt", default=None, help="reuse a trained quickstart teacher")
     parser.add_argument("--teacher-steps", type=int, nargs="*", default=[2, 4, 8, 16, 64])

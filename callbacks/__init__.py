@@ -26,6 +26,7 @@ not matter), and score them with ``lightning_ddd.evaluation``, the code behind t
 from ._sampling import averaged_weights
 from .fid_logger import FIDLogger
 from .perplexity_logger import PerplexityLogger
+from .resumable_checkpoint import ResumableCheckpoint
 from .sample_logger import SampleLogger
 from .step_frontier import StepFrontier
 from .temperature_sweep import TemperatureSweep
@@ -34,6 +35,7 @@ from .throughput import Throughput
 __all__ = [
     "FIDLogger",
     "PerplexityLogger",
+    "ResumableCheckpoint",
     "SampleLogger",
     "StepFrontier",
     "TemperatureSweep",

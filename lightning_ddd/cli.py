@@ -92,8 +92,16 @@ class LightningDDDCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
+        """fit, validate (the NLL bound of the validation split), sample and evaluate.
+
+        Lightning's ``test`` and ``predict`` are left out: no shipped DataModule has a test split apart from
+        its validation split (CIFAR-10's is the official test batch), so ``test`` would repeat ``validate``,
+        and drawing samples is ``sample`` (files and metrics) and ``evaluate`` (sweeps).
+        """
+        lightning = LightningCLI.subcommands()
         return {
-            **LightningCLI.subcommands(),
+            "fit": lightning["fit"],
+            "validate": lightning["validate"],
             "sample": {"model", "datamodule"},
             "evaluate": {"model", "datamodule"},
         }

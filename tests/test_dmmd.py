@@ -5,14 +5,19 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from lightning_ddd.checkpoints import file_sha256
 from lightning_ddd.cli import main
 from lightning_ddd.diffusion import LogLinearSchedule, MaskedProcess
 from lightning_ddd.diffusion import dmmd
+from lightning_ddd.diffusion.likelihood import estimate_nll
+from lightning_ddd.diffusion.step_times import draw_step_times
+from lightning_ddd.metrics.entropy import unigram_entropy
 from lightning_ddd.modules import DMMDStudent
 from lightning_ddd.modules.dmmd_student import DMMDSettings
-from lightning_ddd.modules.student_losses import DMMDAuxiliaryLoss, DMMDGeneratorLoss
+from lightning_ddd.modules.student_losses import DMMDAuxiliaryLoss, DMMDContext, DMMDGeneratorLoss
+from lightning_ddd.nn.transformer import sinusoids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TEACHER = os.path.join(ROOT, "tests", "configs", "tiny_teacher.yaml")
@@ -202,6 +207,9 @@ def test_checkpoint_has_no_teacher_and_records_its_hash(teacher_ckpt, tmp_path):
     assert all(k.startswith(("backbone.", "aux_backbone.")) for k in state["state_dict"])
     assert len(state["state_dict"]) > len(teacher_keys)  # student (with its noise input) + auxiliary, no teacher
     assert state["teacher_sha256"] == state["hyper_parameters"]["teacher_sha256"] == file_sha256(teacher_ckpt)
+    (hparams,) = glob.glob(str(tmp_path / "**" / "hparams.yaml"), recursive=True)
+    with open(hparams) as f:
+        assert yaml.safe_load(f)["teacher_sha256"] == file_sha256(teacher_ckpt)  # what a reader of the run sees
     assert len(state["optimizer_states"]) == 2 and len(state["lr_schedulers"]) == 2
     assert not {"optimizer", "aux_optimizer", "lr_scheduler", "aux_lr_scheduler"} & set(state["hyper_parameters"])
     with pytest.raises(ValueError, match="original teacher"):  # a resumed student checks its teacher file
@@ -230,3 +238,102 @@ def test_uniform_student_needs_hard_targets(teacher_ckpt, tmp_path):
     assert all(torch.isfinite(v) for v in out.values())
     masked = DMMDStudent(teacher_ckpt)
     assert masked.losses[1].resolved_target(masked.process) == "soft" and masked.noise_dim > 0
+
+
+# ---- validation: sample quality on fixed noise ----------------------------------------------------------
+
+
+def test_validation_scores_k_step_samples_with_the_teacher(teacher_ckpt):
+    model = DMMDStudent(teacher_ckpt, dmmd=DMMDSettings(num_steps=2, noise_dim=4)).eval()
+    x = torch.zeros(32, 8, dtype=torch.long)  # only the batch size is used: one sample per validation sequence
+    out = model.validation_losses(x, torch.Generator().manual_seed(3))
+    assert set(out) == {"teacher_nll", "entropy"}
+    again = model.validation_losses(x, torch.Generator().manual_seed(3))
+    assert all(torch.equal(out[k], again[k]) for k in out)  # fixed noise: every validation scores the same samples
+    # The same samples scored by the teacher's own bound (its val_loss, its val_num_draws), per token.
+    g = torch.Generator().manual_seed(3)
+    tokens = model.generate(32, 2, generator=g).tokens
+    teacher = model.teacher
+    nll = estimate_nll(teacher.denoise, tokens, teacher.process, teacher.val_loss, teacher.val_num_draws, g)
+    torch.testing.assert_close(out["teacher_nll"], (nll / 8).float().mean())
+    torch.testing.assert_close(out["entropy"], unigram_entropy(tokens, 5).float().mean())
+    several = DMMDStudent(teacher_ckpt, dmmd=DMMDSettings(num_steps=2, noise_dim=4, val_steps=[1, 2])).eval()
+    both = several.validation_losses(x, torch.Generator().manual_seed(3))
+    assert set(both) == {"teacher_nll", "entropy", "teacher_nll_1steps", "entropy_1steps", "teacher_nll_2steps",
+                         "entropy_2steps"}
+    torch.testing.assert_close(both["teacher_nll"], (both["teacher_nll_1steps"] + both["teacher_nll_2steps"]) / 2)
+
+
+def test_validate_runs_on_a_student_and_test_is_not_a_subcommand(teacher_ckpt, tmp_path):
+    fit_student(tmp_path, teacher_ckpt, "--trainer.max_epochs", "1")
+    (ckpt,) = glob.glob(str(tmp_path / "**" / "last.ckpt"), recursive=True)
+    cli = main(["validate", "-c", TINY_DMMD, "--model.init_args.teacher_ckpt", teacher_ckpt, "--ckpt_path", ckpt,
+                "--trainer.default_root_dir", str(tmp_path / "validate")])
+    assert torch.isfinite(cli.trainer.callback_metrics["val/teacher_nll"])
+    for subcommand in ("test", "predict"):
+        with pytest.raises(SystemExit):  # argparse: invalid choice, with the list of valid ones
+            main([subcommand, "-c", TINY_DMMD])
+
+
+# ---- the step-aware student ---------------------------------------------------------------------------------
+
+
+def test_step_times_cover_the_range_log_uniformly():
+    s, t = draw_step_times(200_000, 2, 16, torch.Generator().manual_seed(0))
+    gap = t - s
+    kappa = 1 / gap
+    assert s.min() > 0 and t.max() <= 1 and kappa.min() >= 2 - 1e-9 and kappa.max() <= 16 + 1e-9
+    for lo, hi in [(2, 4), (4, 8), (8, 16)]:  # log-uniform: a third of the draws in each octave
+        assert ((kappa >= lo) & (kappa < hi)).double().mean().item() == pytest.approx(1 / 3, abs=0.005)
+    u = s / (1 - gap)  # given the gap, s is uniform on (0, 1 - gap]
+    assert u.mean().item() == pytest.approx(0.5, abs=0.005)
+    assert (u < 0.1).double().mean().item() == pytest.approx(0.1, abs=0.003)
+    s, t = draw_step_times(5, 4, 4, torch.Generator().manual_seed(0))  # one step count: exactly its step
+    torch.testing.assert_close(t - s, torch.full((5,), 0.25, dtype=torch.float64))
+    with pytest.raises(ValueError, match="min_steps <= max_steps"):
+        draw_step_times(1, 8, 4)
+
+
+def test_per_k_context_draws_the_papers_times_and_noise(teacher_ckpt):
+    model = DMMDStudent(teacher_ckpt, dmmd=DMMDSettings(num_steps=2, noise_dim=4))
+    x = torch.randint(5, (6, 8), generator=torch.Generator().manual_seed(0))
+    ctx = DMMDContext(model, x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same stream by hand: times, z_t, then the noise
+    s, t = dmmd.draw_times(6, 2, g)
+    z_t = model.process.corrupt(x, t, g)
+    noise = torch.randn(6, 8, 4, generator=g)
+    assert torch.equal(ctx.s, s) and torch.equal(ctx.t, t) and torch.equal(ctx.z_t, z_t) and torch.equal(ctx.noise, noise)
+
+
+def test_step_aware_student_starts_as_the_teacher_and_is_told_its_step(teacher_ckpt, monkeypatch):
+    settings = DMMDSettings(step_aware=True, min_steps=2, max_steps=8, step_dim=8, noise_dim=4)
+    model = DMMDStudent(teacher_ckpt, dmmd=settings).eval()
+    assert model.val_steps == [2, 8] and model.backbone.cond_dim == 12
+    with pytest.raises(ValueError, match="step-aware"):
+        model.step_condition(3, None)  # a caller that does not say which step
+    cond = model.step_condition(3, torch.Generator().manual_seed(0), t=0.5, s=0.25)
+    by_hand = torch.cat([sinusoids(torch.full((3,), 500.0), 4), sinusoids(torch.full((3,), 250.0), 4)], -1)
+    assert cond.shape == (3, 8, 12) and torch.equal(cond[..., 4:], by_hand[:, None].expand(3, 8, 8))
+    z = torch.full((3, 8), 5)  # all masked
+    torch.testing.assert_close(model.denoise(z, None, cond), model.teacher.denoise(z, None))  # zero-initialised
+    steps = []
+    features = model.step_features
+    monkeypatch.setattr(model, "step_features", lambda t, s: steps.append((t[0].item(), s[0].item())) or features(t, s))
+    model.generate(2, 4, generator=torch.Generator().manual_seed(0))
+    assert steps == [(1.0, 0.75), (0.75, 0.5), (0.5, 0.25), (0.25, 0.0)]
+    with pytest.raises(ValueError, match="min_steps"):
+        DMMDSettings(step_aware=True, min_steps=4, max_steps=2)
+
+
+def test_step_aware_student_trains_and_uses_its_step(teacher_ckpt, tmp_path):
+    cli = fit_student(tmp_path, teacher_ckpt, "--trainer.max_epochs", "2", "--model.init_args.dmmd.step_aware", "true",
+                      "--model.init_args.dmmd.max_steps", "8", "--model.init_args.dmmd.step_dim", "8")
+    metrics = cli.trainer.callback_metrics
+    for key in ("val/teacher_nll", "val/teacher_nll_2steps", "val/teacher_nll_8steps", "val/entropy_8steps"):
+        assert torch.isfinite(metrics[key]), key
+    model = cli.model.eval()
+    z = torch.full((4, 8), 5)
+    noise = model.draw_noise(4, torch.Generator().manual_seed(0))
+    two, eight = (model.draw_condition(4, None, torch.full((4,), 1.0), torch.full((4,), 1.0 - 1 / k)) for k in (2, 8))
+    two[..., :4], eight[..., :4] = noise, noise  # the same noise, different steps
+    assert not torch.allclose(model.denoise(z, None, two), model.denoise(z, None, eight))  # the step is an input now

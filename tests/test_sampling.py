@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 from lightning_ddd.diffusion import LinearSchedule, LogLinearSchedule, MaskedProcess, UniformProcess
-from lightning_ddd.diffusion.sampling import SampleOutput, filter_logits, sample, validate_sampling_args
+from lightning_ddd.diffusion.sampling import SampleOutput, filter_logits, sample, takes_step_times, validate_sampling_args
 
 EPS = 1e-3  # the default log-linear schedule's eps; the exact computations below use the same schedule
 
@@ -484,6 +484,25 @@ def test_step_condition_called_once_per_step_and_reaches_denoiser():
         sample(den, process, B, D, n, step_condition=step_condition, generator=g)
         assert len(made) == n and len(received) == n
         assert all(a is b for a, b in zip(made, received))
+
+
+def test_step_condition_that_takes_t_and_s_is_told_each_step():
+    V, B, D, n = 4, 2, 3, 4
+    steps = []
+
+    def hook(num_samples, generator, t, s):
+        steps.append((t, s))
+        return torch.zeros(num_samples, 1)
+
+    def den(z, t, cond):
+        assert cond.shape == (B, 1)
+        return MaskedProcess(V).x0_log_probs(torch.zeros(B, D, V), z)
+
+    sample(den, MaskedProcess(V), B, D, n, step_condition=hook, generator=torch.Generator().manual_seed(0))
+    assert steps == [(1.0, 0.75), (0.75, 0.5), (0.5, 0.25), (0.25, 0.0)]  # t_k = k / n, s = t - 1/n
+    assert takes_step_times(hook) and takes_step_times(lambda n, g, **kw: None)
+    assert not takes_step_times(lambda n, g: None) and not takes_step_times(lambda n, g, t: None)
+    assert not takes_step_times(lambda n, g, t, s, /: None)  # positional-only: cannot be passed by name
 
 
 # ----------------------------------------------------------------------------------------------

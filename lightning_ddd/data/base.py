@@ -8,12 +8,15 @@ into the model before any data is touched.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterator
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_ddd.data.resumable import EpochSeededSampler, ResumableDataLoader
+
+__all__ = ["EpochSeededSampler", "ResumableDataLoader", "TokenDataModule", "TokenTensorDataset"]
 
 
 class TokenTensorDataset(Dataset):
@@ -29,30 +32,6 @@ class TokenTensorDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tensor:
         return self.tokens[index]
-
-
-class EpochSeededSampler(Sampler[int]):
-    """Shuffles with a permutation that depends only on (seed, epoch).
-
-    Lightning calls ``set_epoch`` on samplers that have it, so a run resumed from an end-of-epoch
-    checkpoint sees exactly the batches an uninterrupted run would. Under DDP Lightning swaps in its
-    DistributedSampler, which follows the same rule.
-    """
-
-    def __init__(self, num_items: int, seed: int = 0) -> None:
-        self.num_items = num_items
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_items, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.num_items
 
 
 class TokenDataModule(pl.LightningDataModule, ABC):
@@ -112,8 +91,12 @@ class TokenDataModule(pl.LightningDataModule, ABC):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader.")
-        sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
-        return DataLoader(
+        # The shuffled (training) loader saves its place in the epoch in checkpoints; evaluation loaders restart.
+        if shuffle:
+            loader_class, sampler = ResumableDataLoader, EpochSeededSampler(len(dataset), self.seed)
+        else:
+            loader_class, sampler = DataLoader, None
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

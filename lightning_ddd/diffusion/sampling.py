@@ -22,6 +22,7 @@ Shapes: token ids (B, D) long; log-probabilities (B, D, V).
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -35,10 +36,24 @@ from lightning_ddd.diffusion.categorical import resolve_precision
 from lightning_ddd.diffusion.draws import TOP_P_TOL, sample_positions
 from lightning_ddd.diffusion.processes import DiscreteProcess, MaskedProcess
 
-__all__ = ["SampleOutput", "StepCondition", "filter_logits", "sample", "validate_sampling_args"]
+__all__ = [
+    "SampleOutput", "StepCondition", "filter_logits", "sample", "takes_step_times", "validate_sampling_args",
+]
 
-#: ``cond = step_condition(num_samples, generator)``: a fresh per-step input for a distilled student.
-StepCondition = Callable[[int, "torch.Generator | None"], Any]
+#: ``cond = step_condition(num_samples, generator)``: a fresh per-step input for a distilled student; a hook
+#: that also takes keyword arguments ``t`` and ``s`` (or ``**kwargs``) is told the step's times (floats).
+StepCondition = Callable[..., Any]
+
+
+def takes_step_times(step_condition: Callable[..., Any]) -> bool:
+    """Whether ``step_condition`` accepts the keyword arguments ``t`` and ``s`` (by name or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(step_condition).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: the two-argument form
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return all(name in params and params[name].kind is not inspect.Parameter.POSITIONAL_ONLY for name in ("t", "s"))
 
 
 @dataclass(frozen=True)
@@ -195,7 +210,9 @@ def sample(
             log-linear schedule. Tokens are identical to ``cache=False`` for the same seed. The sampler
             keeps (and writes into) the tensor the denoiser returns, unless it is a view: return a fresh one.
         step_condition: called once per step as ``cond = step_condition(num_samples, generator)``; the
-            denoiser then gets ``cond`` as a third argument (distilled students' fresh lambda or noise).
+            denoiser then gets ``cond`` as a third argument (distilled students' fresh lambda or noise). A
+            hook that accepts keyword arguments ``t`` and ``s`` is called as ``step_condition(num_samples,
+            generator, t=t, s=s)`` with the step's times (floats, s < t), for students that see their step.
         fixed: (B, D) long, -1 at free positions, else the token to keep there (prefix or infilling).
             Masked: these positions start unmasked; uniform: they are written into z_t at every step.
         progress: show a progress bar over steps.
@@ -228,6 +245,7 @@ def sample(
     _check_fixed(fixed, num_samples, seq_len, process.vocab_size)
     dtype = resolve_precision(precision)
     B, D, V, n = num_samples, seq_len, process.vocab_size, num_steps
+    with_times = step_condition is not None and takes_step_times(step_condition)
 
     with torch.no_grad():
         z = process.prior_sample(B, D, generator, device)  # (B, D)
@@ -246,7 +264,10 @@ def sample(
         for k in tqdm(range(n, 0, -1), total=n, desc="sampling", disable=not progress, leave=False):
             t, s, last = k / n, (k - 1) / n, k == 1
             t_batch = torch.full((B,), t, dtype=torch.float32, device=device)  # (B,)
-            cond = step_condition(B, generator) if step_condition is not None else None
+            if step_condition is None:
+                cond = None
+            else:
+                cond = step_condition(B, generator, t=t, s=s) if with_times else step_condition(B, generator)
 
             update = None  # (B, D) masked dimensions that take x_hat in this step (masked process)
             if masked:

@@ -15,6 +15,7 @@ from torch import Tensor
 from lightning_ddd.diffusion.processes import DiscreteProcess, MaskedProcess
 from lightning_ddd.diffusion.sampling import SampleOutput, sample
 from lightning_ddd.nn import Backbone, DenoisingTransformer
+from lightning_ddd.resume import settle_epoch_boundary
 
 #: builds a process from the vocabulary size: ``process(vocab_size)``
 ProcessFactory = Callable[[int], DiscreteProcess]
@@ -216,6 +217,7 @@ class DiffusionModule(pl.LightningModule):
         checkpoint["lightning_ddd_class"] = type(self).__name__  # lets loaders reject the wrong kind early
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        settle_epoch_boundary(checkpoint)  # Lightning restores the loops after this hook: see lightning_ddd.resume
         hp = checkpoint.get("hyper_parameters", {})
         for name in ("vocab_size", "seq_len"):
             if name in hp and hp[name] != getattr(self, name):

@@ -10,6 +10,9 @@ So ``trainer.max_steps`` counts both kinds: N steps are N/2 student updates. The
 counter saved in the checkpoint, and every draw comes from a generator seeded by that counter, so a
 resumed run repeats an uninterrupted one exactly. The maths lives in ``lightning_ddd.diffusion.dmmd``, the
 two loss terms in ``lightning_ddd.modules.student_losses``.
+
+Validation scores the student's samples, not its losses (which measure the student against the auxiliary
+that chases it, so ``loss_gen`` rises as both learn): see :meth:`DMMDStudent.validation_losses`.
 """
 
 from __future__ import annotations
@@ -24,11 +27,16 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_ddd.diffusion.dmmd import TeacherShaping, loss_positions, masked_mean
+from lightning_ddd.diffusion.dmmd import TeacherShaping, draw_times, loss_positions, masked_mean
+from lightning_ddd.diffusion.likelihood import estimate_nll
+from lightning_ddd.diffusion.losses import AnyOrderLoss, TeacherLoss, UniformELBO
 from lightning_ddd.diffusion.processes import MaskedProcess
+from lightning_ddd.diffusion.step_times import draw_step_times
+from lightning_ddd.metrics.entropy import unigram_entropy
 from lightning_ddd.modules.base import NoiseStream, shared_attribute
 from lightning_ddd.modules.student import DistilledStudent, TeacherOptions
 from lightning_ddd.modules.student_losses import DistillationLoss, DMMDAuxiliaryLoss, DMMDContext, DMMDGeneratorLoss
+from lightning_ddd.nn.transformer import sinusoids
 
 #: noise inputs of a masked student when ``noise_dim`` is left at None
 DEFAULT_MASKED_NOISE_DIM = 16
@@ -36,31 +44,65 @@ DEFAULT_MASKED_NOISE_DIM = 16
 
 @dataclass(frozen=True)
 class DMMDSettings:
-    """The D-MMD student's step count, noise input, loss weighting and gradient clipping.
+    """The D-MMD student's step count(s), its inputs, loss weighting, gradient clipping and validation step counts.
 
     Args:
-        num_steps: k, the student's number of sampling steps; the training gap t - s is drawn from U(0, 1/k).
-            Train one student per step count: the student does not see the step size.
+        num_steps: k, the per-k student's number of sampling steps (the paper's student, the default); the
+            training gap t - s is drawn from U(0, 1/k) and the student does not see it, so it is best at the
+            k it was trained for (run with many more steps, its samples come out sharper than the data).
+        step_aware: train one student for every step count in [min_steps, max_steps] instead: each example
+            draws kappa log-uniformly from that range and a step of exactly t - s = 1/kappa
+            (``lightning_ddd.diffusion.step_times``), and the student is told the step it takes through a
+            zero-initialised input of sinusoids of t and s (so the untrained student is still the teacher).
+            ``num_steps`` is then unused.
+        min_steps, max_steps: the step counts a step-aware student serves.
+        step_dim: number of step features (sinusoids of 1000 t and 1000 s, half each; a multiple of 4).
         noise_dim: size of the per-position Gaussian noise input (0 = off). None: 16 for masked, 0 for uniform.
         weighting: w(s), "elbo" (the schedule's ELBO weight, 1/s for log-linear) or "constant".
         gradient_clip_val: max gradient norm of each model per iteration (0 = off); the Trainer's own
             ``gradient_clip_val`` must stay unset (Lightning refuses it under manual optimisation).
+        val_steps: sampling step counts scored at validation. None: k for a per-k student, the fewest and
+            the most steps for a step-aware one.
     """
 
     num_steps: int = 4
+    step_aware: bool = False
+    min_steps: int = 2
+    max_steps: int = 16
+    step_dim: int = 32
     noise_dim: int | None = None
     weighting: Literal["elbo", "constant"] = "elbo"
     gradient_clip_val: float = 1.0
+    val_steps: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
             raise ValueError(f"DMMDSettings: num_steps={self.num_steps} must be >= 1.")
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(
+                f"DMMDSettings: need 1 <= min_steps <= max_steps, got min_steps={self.min_steps}, "
+                f"max_steps={self.max_steps}."
+            )
+        if self.step_dim < 4 or self.step_dim % 4:
+            raise ValueError(f"DMMDSettings: step_dim={self.step_dim} must be a positive multiple of 4.")
         if self.noise_dim is not None and self.noise_dim < 0:
             raise ValueError(f"DMMDSettings: noise_dim={self.noise_dim} must be >= 0 (or null for the default).")
         if self.weighting not in ("elbo", "constant"):
             raise ValueError(f"DMMDSettings: weighting='{self.weighting}' is not one of 'elbo', 'constant'.")
         if not self.gradient_clip_val >= 0:
             raise ValueError(f"DMMDSettings: gradient_clip_val={self.gradient_clip_val} must be >= 0.")
+        if self.val_steps is not None and (not self.val_steps or any(k < 1 for k in self.val_steps)):
+            raise ValueError(f"DMMDSettings: val_steps={self.val_steps} must be step counts >= 1 (or null for the default).")
+
+    @property
+    def step_counts(self) -> tuple[int, int]:
+        """(fewest, most) sampling steps the student is trained for."""
+        return (self.min_steps, self.max_steps) if self.step_aware else (self.num_steps, self.num_steps)
+
+
+def _default_bound(process) -> TeacherLoss:
+    """The NLL bound of a teacher that names none: any-order for masked, the uniform ELBO otherwise."""
+    return AnyOrderLoss() if isinstance(process, MaskedProcess) else UniformELBO()
 
 
 def dmmd_losses() -> list[DistillationLoss]:
@@ -77,8 +119,10 @@ class DMMDStudent(DistilledStudent):
     not. For masked diffusion the ideal few-step student samples the clean data jointly given the visible
     tokens (the noise supplies the randomness), and that target does not depend on t, as RADD's does not;
     besides, the number of masks in z_t already tells the network roughly what t is. What it cannot see is
-    the step size, so a student is best at the ``num_steps`` it was trained for; run with many more steps
-    its samples come out sharper than the teacher's.
+    the step size, so a per-k student is best at the ``num_steps`` it was trained for; run with many more
+    steps its samples come out sharper than the data. A step-aware student (``dmmd.step_aware``) is trained
+    over a range of step counts and told each step's t and s (appended to the noise input, through the same
+    zero-initialised hook), so one student serves every step count in that range.
 
     Each step draws one :class:`DMMDContext` (times, the student's sample, z_s, the shaped teacher and the
     auxiliary at z_s), evaluates every loss on it and updates one model with the sum of its terms. Logs
@@ -86,15 +130,17 @@ class DMMDStudent(DistilledStudent):
     ``train/student_entropy`` (mean entropy of the student's x-prediction at noised positions) and
     ``train/aux_teacher_gap`` (mean KL(teacher || auxiliary) per summed position). Without a noise input a
     falling output entropy means collapse; with one, some fall is expected (the noise carries part of the
-    randomness), so check the entropy of samples (``evaluate``) as well. There is no validation loop: the
-    losses measure the two models against each other, not the samples; use ``evaluate``.
+    randomness), so check the entropy of samples as well. The losses measure the two models against each
+    other, not the samples (``loss_gen`` rises as the auxiliary catches up), so validation scores samples:
+    ``val/teacher_nll`` and ``val/entropy`` (see :meth:`validation_losses`); monitor ``val/teacher_nll``.
 
     Args:
         teacher_ckpt: the teacher: a lightning_ddd ``.ckpt`` (not ``ckpt_path``, which resumes the student), a hub
             id (e.g. ``kuleshov-group/mdlm-owt``) or a local directory in the hub's layout.
         vocab_size: linked from the data; must equal the teacher's.
         seq_len: linked from the data; must equal the teacher's.
-        dmmd: the step count k, the noise input, the weighting w(s) and the gradient clipping.
+        dmmd: the step count k (or the range of a step-aware student), the noise input, the weighting w(s)
+            and the gradient clipping.
         teacher_shaping: temperature and soft nucleus applied to the teacher's log-probs.
         losses: the terms (``DistillationLoss`` subclasses reading a ``DMMDContext``); each trains the student
             or the auxiliary. Default: ``DMMDGeneratorLoss`` and ``DMMDAuxiliaryLoss`` (soft targets for
@@ -113,9 +159,8 @@ class DMMDStudent(DistilledStudent):
     aux_optimizer_factory = shared_attribute()
     aux_lr_scheduler_factory = shared_attribute()
     hparams_ignore = ("optimizer", "lr_scheduler", "aux_optimizer", "aux_lr_scheduler")
-    progress_bar_keys = ("loss_gen", "loss_aux")
+    progress_bar_keys = ("loss_gen", "loss_aux", "teacher_nll")
     context_class = DMMDContext
-    validation_step = None  # no validation loop (see above); Lightning skips it when the hook is unset
 
     def __init__(
         self,
@@ -141,27 +186,64 @@ class DMMDStudent(DistilledStudent):
         masked = isinstance(self.process, MaskedProcess)
         self.dmmd, self.teacher_shaping = dmmd, teacher_shaping
         self.noise_dim = (DEFAULT_MASKED_NOISE_DIM if masked else 0) if dmmd.noise_dim is None else dmmd.noise_dim
+        self.step_dim = dmmd.step_dim if dmmd.step_aware else 0
+        self.val_steps = sorted(set(dmmd.step_counts)) if dmmd.val_steps is None else list(dmmd.val_steps)
         self.aux_optimizer_factory = aux_optimizer
         self.aux_lr_scheduler_factory = aux_lr_scheduler
         # The auxiliary is a trained submodule (in the checkpoint), unlike the frozen teacher.
         self.aux_backbone = copy.deepcopy(self.teacher.backbone).requires_grad_(True)
-        if self.noise_dim > 0:
-            self.backbone.add_cond_input(self.noise_dim)  # zero-initialised: the student starts as the teacher
+        if self.noise_dim + self.step_dim > 0:
+            if getattr(self.backbone, "cond_proj", None) is not None:
+                raise ValueError("DMMDStudent: the teacher's backbone already has a conditioning input; distil a plain teacher.")
+            # Zero-initialised: the student starts as the teacher. Input: [noise, step features].
+            self.backbone.add_cond_input(self.noise_dim + self.step_dim)
         self.train()  # the copies inherit the loaded teacher's eval mode; the teacher itself stays in eval
         self.automatic_optimization = False
         self.iteration = 0  # alternation counter: even = auxiliary, odd = student; saved in checkpoints
         self._schedulers: list = [None, None]
 
     # ---- inputs ------------------------------------------------------------------------------------
+    def draw_step_times(self, batch_size: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Training times of one student step, (s, t), (B,) float64 each: s < t within one step of k (per-k), or
+        a step of a log-uniform step count in [min_steps, max_steps] (step-aware)."""
+        if self.dmmd.step_aware:
+            return draw_step_times(batch_size, self.dmmd.min_steps, self.dmmd.max_steps, generator, self.device)
+        return draw_times(batch_size, self.dmmd.num_steps, generator, self.device)
+
     def draw_noise(self, batch_size: int, generator: torch.Generator | None) -> Tensor | None:
         """epsilon, (B, D, noise_dim) standard normal, or None without a noise input."""
         if self.noise_dim == 0:
             return None
         return torch.randn(batch_size, self.seq_len, self.noise_dim, generator=generator, device=self.device)
 
-    def step_condition(self, num_samples: int, generator: torch.Generator | None) -> Tensor | None:
-        """Fresh noise at every sampling step, from the sampler's generator (so samples are seeded)."""
-        return self.draw_noise(num_samples, generator)
+    def step_features(self, t: Tensor, s: Tensor) -> Tensor:
+        """The step input of a step-aware student: sinusoids of 1000 t and 1000 s, (B,), (B,) → (B, step_dim)."""
+        half = self.step_dim // 2
+        return torch.cat([sinusoids(1000.0 * t, half), sinusoids(1000.0 * s, half)], dim=-1)
+
+    def draw_condition(
+        self, batch_size: int, generator: torch.Generator | None, t: Tensor | None = None, s: Tensor | None = None
+    ) -> Tensor | None:
+        """The student's extra input for a step from t to s ((B,) each): fresh noise (B, D, noise_dim) and, for
+        a step-aware student, the step features appended at every position (B, D, noise_dim + step_dim), or
+        (B, step_dim) without noise; None when the student has no extra input."""
+        noise = self.draw_noise(batch_size, generator)
+        if self.step_dim == 0:
+            return noise
+        if t is None or s is None:
+            raise ValueError("this D-MMD student is step-aware: it needs the step's t and s (the sampler passes them).")
+        step = self.step_features(t.to(self.device), s.to(self.device))  # (B, step_dim)
+        if noise is None:
+            return step
+        return torch.cat([noise, step[:, None, :].expand(-1, self.seq_len, -1)], dim=-1)
+
+    def step_condition(
+        self, num_samples: int, generator: torch.Generator | None, t: float | None = None, s: float | None = None
+    ) -> Tensor | None:
+        """Fresh noise at every sampling step, from the sampler's generator (so samples are seeded), plus the
+        step's t and s for a step-aware student (the sampler passes them as keywords)."""
+        times = [None if v is None else torch.full((num_samples,), v, dtype=torch.float64) for v in (t, s)]
+        return self.draw_condition(num_samples, generator, *times)
 
     def _time(self, t: Tensor) -> Tensor | None:
         return t.float() if getattr(self.aux_backbone, "time_conditioning", False) else None
@@ -208,6 +290,39 @@ class DMMDStudent(DistilledStudent):
             kl = (l_theta.exp() * (safe_theta - l_phi)).sum(-1)  # (B, D): KL(teacher || auxiliary)
         out["student_entropy"] = masked_mean(entropy, loss_positions(ctx.z_t, self.process))
         out["aux_teacher_gap"] = masked_mean(kl, ctx.positions)
+        return out
+
+    # ---- validation --------------------------------------------------------------------------------
+    def validation_losses(self, x: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """Sample quality at the ``val_steps`` step counts, from the fixed validation noise.
+
+        Per validation batch of B sequences, B samples are drawn in k steps (the sampler's seed is fixed per
+        batch, so every validation scores the same noise) and scored by the frozen, unshaped teacher:
+        ``teacher_nll`` is its NLL bound of the samples in nats per token (its own ``val_loss`` with its
+        ``val_num_draws``), the figure to monitor: the untrained student is the teacher run in k steps, whose
+        samples a few-step sampler garbles (tokens of one step are drawn independently, so it scores high),
+        and it falls as the student's k-step samples approach what the teacher samples in many steps.
+        ``entropy`` is the samples' mean unigram entropy: a collapsing student buys a low ``teacher_nll`` by
+        repeating itself and shows here. With several step counts, each is logged as ``teacher_nll_<k>steps``
+        and ``entropy_<k>steps`` and the two figures are their means.
+
+        A likelihood bound of the validation data under the k-step student would reward covering the data
+        rather than sampling well; on the quickstart it rose while the samples' exact NLL under the data fell.
+        """
+        teacher = self.teacher
+        bound = getattr(teacher, "val_loss", None) or _default_bound(teacher.process)
+        draws = getattr(teacher, "val_num_draws", 1)
+        B, D = x.shape
+        out: dict[str, Tensor] = {}
+        for k in self.val_steps:
+            tokens = self.generate(B, k, generator=generator).tokens  # (B, D)
+            nll = estimate_nll(teacher.denoise, tokens, teacher.process, bound, draws, generator) / D  # (B,)
+            out[f"teacher_nll_{k}steps"] = nll.float().mean()
+            out[f"entropy_{k}steps"] = unigram_entropy(tokens, self.vocab_size).float().mean()
+        if len(self.val_steps) == 1:
+            return {name.rsplit("_", 1)[0]: value for name, value in out.items()}
+        for name in ("teacher_nll", "entropy"):
+            out[name] = torch.stack([out[f"{name}_{k}steps"] for k in self.val_steps]).mean()
         return out
 
     def _update(self, index: int, loss: Tensor) -> None:

@@ -125,6 +125,14 @@ class DistilledStudent(DiffusionModule):
         return {loss.name: loss(ctx) for loss in self.losses}
 
     @property
+    def hparams_initial(self):
+        """The hyperparameters the loggers write (hparams.yaml), with the teacher's actual hash: it is known only
+        once the teacher is loaded, after Lightning has frozen this copy with the argument's value (null)."""
+        hparams = super().hparams_initial
+        hparams["teacher_sha256"] = self.hparams.teacher_sha256
+        return hparams
+
+    @property
     def teacher(self) -> DiffusionModule:
         """The frozen teacher, moved to the student's device on first use."""
         teacher = self._teacher.value

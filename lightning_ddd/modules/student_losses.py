@@ -208,7 +208,8 @@ class DMMDContext:
         x: (B, D) clean ids.
         trains: the model whose forward pass keeps a graph ("student", "auxiliary"), or None (neither).
         s, t: (B,) float64 times, s < t.
-        z_t: (B, D) noisy ids; noise: (B, D, C) the student's noise input, or None.
+        z_t: (B, D) noisy ids; noise: the student's extra input (noise, and the step for a step-aware
+            student; ``DMMDStudent.draw_condition``), or None.
         log_p, p: (B, D, V) the student's x-prediction at z_t (log and probabilities).
         x_hat: (B, D) the student's sample; z_s: (B, D) the posterior draw from z_t given x_hat.
     """
@@ -217,9 +218,9 @@ class DMMDContext:
                  trains: Literal["student", "auxiliary"] | None = None) -> None:
         B = x.shape[0]
         self.student, self.x, self.trains = student, x, trains
-        self.s, self.t = dmmd.draw_times(B, student.dmmd.num_steps, generator, x.device)  # (B,) each, float64
+        self.s, self.t = student.draw_step_times(B, generator)  # (B,) each, float64
         self.z_t = student.process.corrupt(x, self.t, generator)  # (B, D)
-        self.noise = student.draw_noise(B, generator)  # (B, D, C) or None
+        self.noise = student.draw_condition(B, generator, self.t, self.s)  # (B, D, C), (B, C) or None
         with torch.set_grad_enabled(trains == "student" and torch.is_grad_enabled()):
             self.log_p = student.denoise(self.z_t, self.t.float(), self.noise)  # (B, D, V); carried tokens visible
         self.p = self.log_p.exp()
