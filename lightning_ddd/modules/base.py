@@ -114,14 +114,24 @@ class DiffusionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=[*self.hparams_ignore, *base_only], frame=inspect.currentframe())
 
     # ---- the denoiser -------------------------------------------------------------------------------
-    def denoise(self, z_t: Tensor, t: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
-        """log p_theta(x | z_t): (B, D) noisy ids [, (B,) times, conditioning] → (B, D, V) fp32 log-probs."""
+    def denoise(
+        self, z_t: Tensor, t: Tensor | None = None, cond: Tensor | None = None, positions: Tensor | None = None
+    ) -> Tensor:
+        """log p_theta(x | z_t): (B, D) noisy ids [, (B,) times, conditioning] → (B, D, V) fp32 log-probs; with
+        ``positions`` ((B, D) bool) only at those N positions, (N, V) in row-major order (losses over masked
+        positions need no other row, and the backbone's head then runs on those rows only)."""
         if not getattr(self.backbone, "time_conditioning", False):
             t = None  # RADD: the masked teacher's network has no time input
         elif t is None:
             raise ValueError("this backbone is time-conditioned but the loss gave no time; use TimeDCE or UniformELBO.")
-        logits = self.backbone(z_t, t, cond) if cond is not None else self.backbone(z_t, t)
-        return self.process.x0_log_probs(logits, z_t)  # fp32 even under bf16 autocast
+        args = (z_t, t, cond) if cond is not None else (z_t, t)
+        if positions is None:
+            logits = self.backbone(*args)
+        elif "positions" in inspect.signature(self.backbone.forward).parameters:
+            logits = self.backbone(*args, positions=positions)  # (N, V)
+        else:
+            logits = self.backbone(*args)[positions]  # a backbone without a positions argument
+        return self.process.x0_log_probs(logits, z_t if positions is None else z_t[positions])  # fp32 even under bf16
 
     # ---- sampling -----------------------------------------------------------------------------------
     def step_condition(self, num_samples: int, generator: torch.Generator | None) -> Any:
