@@ -104,8 +104,8 @@ def test_teacher_and_components_run_once_per_step(teacher_ckpt, monkeypatch):
     perturb(s)
     calls = {"teacher": 0, "components": 0}
     teacher_denoise, components = s.teacher.denoise, s.components
-    monkeypatch.setattr(s.teacher, "denoise", lambda *a: calls.__setitem__("teacher", calls["teacher"] + 1)
-                        or teacher_denoise(*a))
+    monkeypatch.setattr(s.teacher, "denoise", lambda *a, **k: calls.__setitem__("teacher", calls["teacher"] + 1)
+                        or teacher_denoise(*a, **k))
     monkeypatch.setattr(s, "components", lambda *a: calls.__setitem__("components", calls["components"] + 1)
                         or components(*a))
     x = torch.randint(5, (6, 8), generator=torch.Generator().manual_seed(0))
