@@ -166,10 +166,20 @@ def work_di4c_step(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
     """One Di4C step: M = ``case["M"]`` lambda draws, the three default terms (distillation, data, consistency)."""
     from lightning_ddd.modules.mixture_student import MixtureSettings
 
+    from lightning_ddd.modules.student_losses import Di4CContext
+
     with tempfile.TemporaryDirectory() as folder:
         mixture = MixtureSettings(num_lambda=case["M"], lambda_dim=16)
         student = m["Di4C"](_teacher_file(m, case, folder), mixture=mixture).to(case["device"])
-    return _timed_step(m, case, student, lambda x, g: student.compute_losses(x, g)["loss"].backward())
+    seen = {}
+
+    def step(x, generator):
+        # The share of positions masked in z_t, which the cost scales with: the same draws on a copy of the generator.
+        twin = m["torch"].Generator(device=case["device"]).set_state(generator.get_state())
+        seen["masked"] = float(Di4CContext(student, x, twin).mask.float().mean())
+        student.compute_losses(x, generator)["loss"].backward()
+
+    return {**_timed_step(m, case, student, step), **seen}
 
 
 WORKERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]] = {
@@ -273,7 +283,7 @@ def describe(case: dict[str, Any]) -> str:
     if case["worker"] == "dmmd_step":
         return f"D-MMD step ({case['trains']} update)"
     if case["worker"] == "di4c_step":
-        return f"Di4C step (M = {case['M']})"
+        return f"Di4C step (M = {case['M']})"  # the share of masked positions is added to the row once measured
     filters = [f"{k}={case[k]}" for k, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)) if case[k] != off]
     name = "sampling, masked teacher" + (", cached" if case["cache"] else "")
     return name + (" (" + ", ".join(filters) + ")" if filters else "")
@@ -288,7 +298,8 @@ def table(rows: list[tuple[dict[str, Any], dict[str, Any]]], baseline: dict[str,
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, res in rows:
         unit = 4 * case["B"] * case["D"] * case["V"]
-        cells = [describe(case), str(case["B"]), case["precision"]]
+        name = describe(case) + (f", {res['masked']:.0%} of positions masked" if "masked" in res else "")
+        cells = [name, str(case["B"]), case["precision"]]
         if "error" in res:
             cells += [res["error"]] + [""] * (len(head) - 4)
         else:

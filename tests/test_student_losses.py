@@ -140,8 +140,8 @@ def test_dmmd_context_runs_teacher_and_auxiliary_once(teacher_ckpt, monkeypatch)
     s = DMMDStudent(teacher_ckpt)
     calls = []
     teacher_log_probs, aux_log_probs = s.teacher_log_probs, s.aux_log_probs
-    monkeypatch.setattr(s, "teacher_log_probs", lambda *a: calls.append("teacher") or teacher_log_probs(*a))
-    monkeypatch.setattr(s, "aux_log_probs", lambda *a: calls.append("aux") or aux_log_probs(*a))
+    monkeypatch.setattr(s, "teacher_log_probs", lambda *a, **k: calls.append("teacher") or teacher_log_probs(*a, **k))
+    monkeypatch.setattr(s, "aux_log_probs", lambda *a, **k: calls.append("aux") or aux_log_probs(*a, **k))
     x = torch.randint(5, (4, 8), generator=torch.Generator().manual_seed(0))
     out = s.compute_losses(x, torch.Generator().manual_seed(1), trains="auxiliary")
     assert sorted(calls) == ["aux", "teacher"]

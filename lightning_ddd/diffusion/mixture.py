@@ -93,7 +93,7 @@ class Components:
     @cached_property
     def log_marginal(self) -> Tensor:
         """The lambda-averaged marginal ``log Pbar = logsumexp_j log P_j - log M``, (n, V)."""
-        return torch.logsumexp(self.log_probs, dim=0) - math.log(self.num_components)
+        return _LogMeanExp.apply(self.log_probs)
 
     def component_log_likelihood(self, y: Tensor) -> Tensor:
         """``sum_d log P_j[d, y^d]`` per component and target: y (N, n) rows → (M, N, B)."""
@@ -113,6 +113,61 @@ class Components:
         """
         independent = self.log_marginal.gather(-1, y.transpose(0, 1)).transpose(0, 1)  # (N, n)
         return self.log_likelihood(y) - self.sum_rows(independent)
+
+
+#: Elements per group of components in the reductions over them (2**22: 16 MB of fp32 temporaries).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _logsumexp0(x: Tensor) -> Tensor:
+    """``torch.logsumexp(x, dim=0)`` for (M, n, V), with temporaries of at most about ``CHUNK_ELEMENTS`` elements
+    (the built-in builds two of x's size); the same formula, max-shifted."""
+    step = max(1, CHUNK_ELEMENTS // max(1, x[0].numel()))
+    if step >= x.shape[0]:
+        return torch.logsumexp(x, dim=0)
+    shift = x.amax(dim=0)  # (n, V)
+    shift.masked_fill_(shift.abs() == math.inf, 0.0)  # as torch.logsumexp: all -inf stays -inf, inf stays inf
+    total = torch.zeros_like(shift)
+    for j in range(0, x.shape[0], step):
+        total += torch.exp(x[j : j + step] - shift).sum(dim=0)
+    return total.log_().add_(shift)
+
+
+class _LogMeanExp(torch.autograd.Function):
+    """``logsumexp(log_probs, dim=0) - log M`` whose output is the one (n, V) tensor kept, and whose backward
+    writes its (M, n, V) gradient in place (the built-in ops keep two (n, V) tensors and build three of the
+    gradient's size). The same values; the same gradients up to round-off."""
+
+    @staticmethod
+    def forward(ctx, log_probs: Tensor) -> Tensor:
+        ctx.log_m = math.log(log_probs.shape[0])
+        out = _logsumexp0(log_probs).sub_(ctx.log_m)  # (n, V)
+        ctx.save_for_backward(log_probs, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        log_probs, out = ctx.saved_tensors
+        # d/d lp_j = grad exp(lp_j - logsumexp) = grad exp(lp_j - out - log M) / ... : the mixture weight of j.
+        weights = torch.sub(log_probs, out, out=torch.empty_like(log_probs)).sub_(ctx.log_m).exp_()
+        return weights.mul_(grad)
+
+
+class _DotLogQ(torch.autograd.Function):
+    """``sum_v exp(log_p) log_q`` per row, differentiable in ``log_q`` only; keeps ``log_p`` (the caller's) for
+    backward instead of a second (..., V) tensor of probabilities."""
+
+    @staticmethod
+    def forward(ctx, log_p: Tensor, p: Tensor, log_q: Tensor) -> Tensor:
+        ctx.save_for_backward(log_p)
+        return torch.einsum("...v,...v->...", p, log_q)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        (log_p,) = ctx.saved_tensors
+        return None, None, log_p.exp().mul_(grad.unsqueeze(-1))
 
 
 def _packed(log_probs: Tensor | Components, mask: Tensor | None) -> Components:
@@ -182,12 +237,12 @@ def row_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
     ``p`` is the target (no gradient is taken through it; zero entries contribute 0, as in x log x); ``q``
     must be finite wherever p is 0 (the students' log-probs are). Computed as ``sum p log p - sum p log q``
-    with the second sum a batched dot product, so no (..., V) product is kept for backward beyond p.
+    with the second sum a batched dot product, and only ``log_p`` itself kept for backward.
     """
-    p = log_p.detach().exp()
+    log_p = log_p.detach()
+    p = log_p.exp()
     neg_entropy = torch.special.xlogy(p, p).sum(-1)
-    cross = torch.einsum("...v,...v->...", p, log_q)
-    return neg_entropy - cross
+    return neg_entropy - _DotLogQ.apply(log_p, p, log_q)
 
 
 def categorical_kl(log_p: Tensor, log_q: Tensor, mask: Tensor | None = None) -> Tensor:

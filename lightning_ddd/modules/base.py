@@ -22,6 +22,22 @@ ProcessFactory = Callable[[int], DiscreteProcess]
 BackboneFactory = Callable[[int, int, int], nn.Module]
 
 
+def backbone_logits(
+    backbone: nn.Module, z: Tensor, t: Tensor | None, cond: Tensor | None = None, positions: Tensor | None = None
+) -> Tensor:
+    """``backbone(z, t[, cond])``: (B, D, V) logits, or with ``positions`` ((B, D) bool) the (N, V) rows there.
+
+    A backbone whose ``forward`` takes ``positions`` runs its head on those rows only; any other is run in full
+    and its output indexed. No ``cond`` argument is passed when ``cond`` is None (backbones without one).
+    """
+    args = (z, t, cond) if cond is not None else (z, t)
+    if positions is None:
+        return backbone(*args)
+    if "positions" in inspect.signature(backbone.forward).parameters:
+        return backbone(*args, positions=positions)  # (N, V)
+    return backbone(*args)[positions]
+
+
 class Shared:
     """Holds an object by reference through deep copies.
 
@@ -124,13 +140,7 @@ class DiffusionModule(pl.LightningModule):
             t = None  # RADD: the masked teacher's network has no time input
         elif t is None:
             raise ValueError("this backbone is time-conditioned but the loss gave no time; use TimeDCE or UniformELBO.")
-        args = (z_t, t, cond) if cond is not None else (z_t, t)
-        if positions is None:
-            logits = self.backbone(*args)
-        elif "positions" in inspect.signature(self.backbone.forward).parameters:
-            logits = self.backbone(*args, positions=positions)  # (N, V)
-        else:
-            logits = self.backbone(*args)[positions]  # a backbone without a positions argument
+        logits = backbone_logits(self.backbone, z_t, t, cond, positions)  # (B, D, V) or (N, V)
         return self.process.x0_log_probs(logits, z_t if positions is None else z_t[positions])  # fp32 even under bf16
 
     # ---- sampling -----------------------------------------------------------------------------------

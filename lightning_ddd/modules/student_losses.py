@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from lightning_ddd.diffusion import dmmd, mixture
-from lightning_ddd.diffusion.categorical import sample_categorical
 from lightning_ddd.diffusion.draws import sample_positions
 from lightning_ddd.diffusion.processes import MaskedProcess
 
@@ -218,11 +217,12 @@ class Di4CConsistencyLoss(DistillationLoss):
             rows = slice(j0 * R, min(M, j0 + group) * R)  # the copies of components j0 .. j0 + group - 1
             log_q = student.denoise(z_u[rows], u_rep[rows], lam[rows], positions=pos_rep[rows])  # (c * n_R, V)
             draws.append(sample_positions(log_q[None], torch.arange(log_q.shape[0], device=log_q.device), g))
-            part = torch.logsumexp(log_q.view(-1, n_r, log_q.shape[-1]), dim=0)  # (n_R, V)
-            acc = part if acc is None else torch.logaddexp(acc, part)
-            del log_q
+            part = log_q.view(-1, n_r, log_q.shape[-1])  # (c, n_R, V)
+            part = part[0] if part.shape[0] == 1 else torch.logsumexp(part, dim=0)  # (n_R, V)
+            acc = part if acc is None else torch.logaddexp(acc, part, out=acc)  # in place: one (n_R, V) buffer
+            del log_q, part
         student.backbone.train(was_training)
-        return acc - math.log(M), torch.cat(draws).view(M, n_r)
+        return acc.sub_(math.log(M)), torch.cat(draws).view(M, n_r)
 
     @staticmethod
     def teacher_step(ctx: Di4CContext, seqs: Tensor, u: Tensor, copies: int) -> Tensor:
@@ -258,14 +258,21 @@ class DMMDContext:
     """One D-MMD draw on clean ids x (B, D): times s < t, z_t, the student's x-prediction and sample, z_s,
     and (on first use) the shaped teacher and the auxiliary at z_s.
 
+    Networks run on the rows that matter only (their heads on those positions alone): the student at the
+    positions it predicts (masked in z_t for the masked process, else all; its sample is drawn there, the
+    others carry their token), the teacher and the auxiliary at the positions the losses sum over (masked in
+    z_s, a subset, or all). At V = 50k and D = 1,024 each (B, D, V) tensor not built saves gigabytes.
+
     Attributes:
         student: the DMMDStudent.
         x: (B, D) clean ids.
         trains: the model whose forward pass keeps a graph ("student", "auxiliary"), or None (neither).
         s, t: (B,) float64 times, s < t.
         z_t: (B, D) noisy ids; noise: (B, D, C) the student's noise input, or None.
-        log_p, p: (B, D, V) the student's x-prediction at z_t (log and probabilities).
-        x_hat: (B, D) the student's sample; z_s: (B, D) the posterior draw from z_t given x_hat.
+        predicted: (B, D) bool, the positions the student predicts (n_t of them).
+        log_p, p: (n_t, V) the student's x-prediction there (log and probabilities).
+        x_hat: (B, D) the student's sample (drawn by inverse CDF in float64; z_t's token where carried).
+        z_s: (B, D) the posterior draw from z_t given x_hat.
     """
 
     def __init__(self, student: DMMDStudent, x: Tensor, generator: torch.Generator | None,
@@ -275,22 +282,14 @@ class DMMDContext:
         self.s, self.t = dmmd.draw_times(B, student.dmmd.num_steps, generator, x.device)  # (B,) each, float64
         self.z_t = student.process.corrupt(x, self.t, generator)  # (B, D)
         self.noise = student.draw_noise(B, generator)  # (B, D, C) or None
+        self.predicted = _rows_mask(dmmd.loss_positions(self.z_t, student.process), x)  # (B, D)
         with torch.set_grad_enabled(trains == "student" and torch.is_grad_enabled()):
-            self.log_p = student.denoise(self.z_t, self.t.float(), self.noise)  # (B, D, V); carried tokens visible
+            self.log_p = student.denoise(self.z_t, self.t.float(), self.noise, positions=self.predicted)  # (n_t, V)
         self.p = self.log_p.exp()
-        self.x_hat = sample_categorical(self.log_p.detach(), generator)  # (B, D), float64 Gumbel-max
+        drawn = sample_positions(self.log_p.detach()[None], torch.arange(self.log_p.shape[0], device=x.device),
+                                 generator)  # (n_t,) one float64 uniform per row
+        self.x_hat = self.z_t.masked_scatter(self.predicted, drawn)  # (B, D)
         self.z_s = student.process.posterior_sample(self.z_t, self.x_hat, self.s, self.t, generator)  # (B, D)
-
-    @cached_property
-    def teacher_log_probs(self) -> Tensor:
-        """l_theta at z_s, (B, D, V): the frozen teacher with the student's ``teacher_shaping``."""
-        return self.student.teacher_log_probs(self.z_s, self.s)
-
-    @cached_property
-    def aux_log_probs(self) -> Tensor:
-        """l_phi at z_s, (B, D, V), finite everywhere; with a graph only when the auxiliary trains."""
-        with torch.set_grad_enabled(self.trains == "auxiliary" and torch.is_grad_enabled()):
-            return self.student.aux_log_probs(self.z_s, self.s)
 
     @cached_property
     def positions(self) -> Tensor | None:
@@ -298,9 +297,53 @@ class DMMDContext:
         return dmmd.loss_positions(self.z_s, self.student.process)
 
     @cached_property
+    def loss_rows(self) -> Tensor:
+        """(B, D) bool, ``positions`` or every position (n_s of them)."""
+        return _rows_mask(self.positions, self.x)
+
+    @cached_property
+    def in_loss(self) -> Tensor:
+        """(n_t,) bool: which of the student's rows the losses sum over (masked in z_s implies masked in z_t)."""
+        return self.loss_rows[self.predicted]
+
+    @cached_property
+    def teacher_log_probs(self) -> Tensor:
+        """l_theta at z_s, (n_s, V) at ``loss_rows``: the frozen teacher with the student's ``teacher_shaping``."""
+        return self.student.teacher_log_probs(self.z_s, self.s, positions=self.loss_rows)
+
+    @cached_property
+    def aux_log_probs(self) -> Tensor:
+        """l_phi at z_s, (n_s, V) at ``loss_rows``; with a graph only when the auxiliary trains."""
+        with torch.set_grad_enabled(self.trains == "auxiliary" and torch.is_grad_enabled()):
+            return self.student.aux_log_probs(self.z_s, self.s, positions=self.loss_rows)
+
+    @cached_property
     def weight(self) -> Tensor:
         """w(s), (B,) fp32."""
         return dmmd.loss_weight(self.student.process.schedule, self.s, self.student.dmmd.weighting)
+
+    def sum_rows(self, values: Tensor) -> Tensor:
+        """Per-sequence sums of values at ``loss_rows``: (n_s,) → (B,)."""
+        return dmmd.sum_rows(values, self.loss_rows, tuple(self.x.shape))
+
+    def student_entropy(self) -> Tensor:
+        """Mean entropy of the student's x-prediction over the positions it predicts (0 if none), no graph."""
+        with torch.no_grad():
+            entropy = -torch.special.xlogy(self.p, self.p).sum(-1)  # (n_t,)
+            return entropy.sum() / max(1, entropy.numel())
+
+    def aux_teacher_gap(self) -> Tensor:
+        """Mean KL(teacher || auxiliary) over the positions the losses sum over (0 if none), no graph."""
+        with torch.no_grad():
+            l_theta, l_phi = self.teacher_log_probs, self.aux_log_probs
+            kl = torch.special.xlogy(l_theta.exp(), l_theta.exp()).sum(-1) - torch.einsum(
+                "...v,...v->...", l_theta.exp(), l_phi)  # (n_s,)
+            return kl.sum() / max(1, kl.numel())
+
+
+def _rows_mask(positions: Tensor | None, x: Tensor) -> Tensor:
+    """``positions`` (B, D) bool, or every position of x when None."""
+    return positions if positions is not None else torch.ones_like(x, dtype=torch.bool)
 
 
 class DMMDGeneratorLoss(DistillationLoss):
@@ -312,8 +355,8 @@ class DMMDGeneratorLoss(DistillationLoss):
     trains = "student"
 
     def __call__(self, ctx: DMMDContext) -> Tensor:
-        return self.weight * dmmd.generator_loss(ctx.p, ctx.aux_log_probs, ctx.teacher_log_probs, ctx.weight,
-                                                 ctx.positions)
+        per_row = dmmd.expected_cost(ctx.p[ctx.in_loss], ctx.aux_log_probs, ctx.teacher_log_probs)  # (n_s,)
+        return self.weight * (ctx.weight * ctx.sum_rows(per_row))
 
 
 class DMMDAuxiliaryLoss(DistillationLoss):
@@ -349,6 +392,9 @@ class DMMDAuxiliaryLoss(DistillationLoss):
             )
 
     def __call__(self, ctx: DMMDContext) -> Tensor:
-        target = dmmd.aux_targets(ctx.p, ctx.x_hat, self.resolved_target(ctx.student.process))  # (B, D, V)
-        return self.weight * dmmd.auxiliary_loss(ctx.aux_log_probs, ctx.teacher_log_probs, target, ctx.weight,
-                                                 ctx.positions)
+        if self.resolved_target(ctx.student.process) == "soft":
+            target = ctx.p.detach()[ctx.in_loss]  # (n_s, V) the student's x-prediction
+        else:
+            target = ctx.x_hat[ctx.loss_rows]  # (n_s,) its sample: a one-hot target, by id
+        per_row = dmmd.auxiliary_cross_entropy(ctx.aux_log_probs, ctx.teacher_log_probs, target)  # (n_s,)
+        return self.weight * (ctx.weight * ctx.sum_rows(per_row))
