@@ -9,7 +9,11 @@ tiny width, so what is measured is the diffusion code around it, not the network
 Sections (``--section``, default all):
     sampling: ancestral sampling with a masked teacher, B in {1, 8, 16}, float64 and float32, 4 steps; also
         reports wall-clock and CPU seconds per step (CPU time is the steadier figure on a shared machine).
-    training: one training step (forward, backward, AdamW) of the masked teacher with the t-DCE loss at B = 4.
+    training: one training step (forward, backward, AdamW) at B = 4 of the masked teacher (t-DCE), of the
+        D-MMD student (one student update and one auxiliary update) and of the Di4C student (M = 4 lambda
+        draws, all three terms), the students distilled from a freshly built 1-layer teacher.
+    token_store: ``setup`` of the text data's token store on synthetic corpora of 10 MB and 200 MB of text
+        (``benchmarks/token_store_memory.py``); its own table, in MB.
 
 Each section is a function that returns its list of cases; a case is a dict naming a worker in ``WORKERS`` and
 its sizes, so a new measurement is one worker plus one section function.
@@ -18,16 +22,20 @@ Examples:
     python benchmarks/memory.py --section sampling
     python benchmarks/memory.py --quick                # small sizes, seconds: checks that the script runs
     python benchmarks/memory.py --section sampling --batch-sizes 16 --precisions float64 --top-p 0.9
+    python benchmarks/memory.py --section training --max-gb 16   # a case that needs more fails cleanly
+    PYTHONPATH=/path/to/other/checkout python benchmarks/memory.py --section training   # measure other code
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -50,9 +58,11 @@ def _imports() -> dict[str, Any]:
     from lightning_ddd.diffusion import MaskedProcess
     from lightning_ddd.diffusion.losses import TimeDCE
     from lightning_ddd.diffusion.sampling import sample
+    from lightning_ddd.modules import DiffusionTeacher, DMMDStudent, MixtureStudent
     from lightning_ddd.nn import DenoisingTransformer
 
-    return dict(torch=torch, MaskedProcess=MaskedProcess, TimeDCE=TimeDCE, sample=sample, Net=DenoisingTransformer)
+    return dict(torch=torch, MaskedProcess=MaskedProcess, TimeDCE=TimeDCE, sample=sample, Net=DenoisingTransformer,
+                Teacher=DiffusionTeacher, DMMD=DMMDStudent, Di4C=MixtureStudent)
 
 
 def _tiny_denoiser(m: dict[str, Any], case: dict[str, Any]):
@@ -95,27 +105,89 @@ def work_sampling(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
     return {"s_per_step": seconds / case["steps"], "cpu_s_per_step": cpu_seconds / case["steps"]}
 
 
-def work_teacher_step(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
-    """One training step of the masked teacher: t-DCE forward, backward, AdamW step."""
+def _tiny_teacher(m: dict[str, Any], case: dict[str, Any]):
+    """The masked ``DiffusionTeacher`` (t-DCE) around a 1-layer backbone, on ``case["device"]``."""
     torch = m["torch"]
-    process, net, denoise = _tiny_denoiser(m, case)
-    net.train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    generator = torch.Generator(device=case["device"]).manual_seed(0)
+    torch.manual_seed(0)
+    backbone = functools.partial(m["Net"], d_model=case["d_model"], n_layers=1, n_heads=2)
+    return m["Teacher"](case["V"], case["D"], backbone=backbone, loss=m["TimeDCE"]()).to(case["device"])
+
+
+def _teacher_file(m: dict[str, Any], case: dict[str, Any], folder: str) -> str:
+    """Write the tiny teacher as a checkpoint the students load (what ``fit`` writes, less the trainer state)."""
+    torch = m["torch"]
+    import lightning
+
+    teacher = _tiny_teacher(m, case).cpu()
+    # The hyperparameters as the CLI records them (class paths), so ``load_from_checkpoint`` rebuilds the teacher.
+    hparams = {
+        "_class_path": "lightning_ddd.modules.DiffusionTeacher", "vocab_size": case["V"], "seq_len": case["D"],
+        "backbone": {"class_path": "lightning_ddd.nn.DenoisingTransformer",
+                     "init_args": {"d_model": case["d_model"], "n_layers": 1, "n_heads": 2}},
+        "loss": {"class_path": "lightning_ddd.diffusion.losses.TimeDCE"},
+        "_instantiator": "lightning.pytorch.cli.instantiate_module",
+    }
+    path = os.path.join(folder, "teacher.ckpt")
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": hparams, "lightning_ddd_class": "DiffusionTeacher",
+                "pytorch-lightning_version": lightning.__version__}, path)
+    return path
+
+
+def _timed_step(m: dict[str, Any], case: dict[str, Any], module, step: Callable[[Any, Any], Any]):
+    """Run ``step(x, generator)`` (forward and backward) and an AdamW step on random ids; seconds."""
+    torch = m["torch"]
+    module.train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator(device=case["device"]).manual_seed(case.get("seed", 0))
     x = torch.randint(case["V"], (case["B"], case["D"]), generator=generator, device=case["device"])
     _sync(torch, case["device"])
     start, cpu_start = time.perf_counter(), time.process_time()
-    loss = m["TimeDCE"]()(denoise, x, process, generator).float().mean() / case["D"]
-    loss.backward()
+    step(x, generator)
     optimizer.step()
     _sync(torch, case["device"])
     return {"s_per_step": time.perf_counter() - start, "cpu_s_per_step": time.process_time() - cpu_start}
+
+
+def work_teacher_step(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
+    """One training step of the masked teacher: t-DCE forward, backward, AdamW step."""
+    teacher = _tiny_teacher(m, case)
+    return _timed_step(m, case, teacher, lambda x, g: teacher.compute_losses(x, g)["loss"].backward())
+
+
+def work_dmmd_step(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
+    """One D-MMD iteration (``case["trains"]``: the student's or the auxiliary's update), k = 4 steps."""
+    with tempfile.TemporaryDirectory() as folder:
+        student = m["DMMD"](_teacher_file(m, case, folder)).to(case["device"])
+    return _timed_step(m, case, student,
+                       lambda x, g: student.compute_losses(x, g, case["trains"])["loss"].backward())
+
+
+def work_di4c_step(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
+    """One Di4C step: M = ``case["M"]`` lambda draws, the three default terms (distillation, data, consistency)."""
+    from lightning_ddd.modules.mixture_student import MixtureSettings
+
+    from lightning_ddd.modules.student_losses import Di4CContext
+
+    with tempfile.TemporaryDirectory() as folder:
+        mixture = MixtureSettings(num_lambda=case["M"], lambda_dim=16)
+        student = m["Di4C"](_teacher_file(m, case, folder), mixture=mixture).to(case["device"])
+    seen = {}
+
+    def step(x, generator):
+        # The share of positions masked in z_t, which the cost scales with: the same draws on a copy of the generator.
+        twin = m["torch"].Generator(device=case["device"]).set_state(generator.get_state())
+        seen["masked"] = float(Di4CContext(student, x, twin).mask.float().mean())
+        student.compute_losses(x, generator)["loss"].backward()
+
+    return {**_timed_step(m, case, student, step), **seen}
 
 
 WORKERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]] = {
     "baseline": work_baseline,
     "sampling": work_sampling,
     "teacher_step": work_teacher_step,
+    "dmmd_step": work_dmmd_step,
+    "di4c_step": work_di4c_step,
 }
 
 
@@ -160,14 +232,34 @@ def sampling_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def training_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Section (b): one training step of the masked teacher (the students' steps are not measured yet)."""
-    return [{"worker": "teacher_step", "B": args.train_batch, "precision": "-"}]
+    """Section (b): one training step of the masked teacher, of D-MMD (each model's update) and of Di4C."""
+    common = {"B": args.train_batch, "precision": "-"}
+    return [
+        {"worker": "teacher_step", **common},
+        {"worker": "dmmd_step", "trains": "student", **common},
+        {"worker": "dmmd_step", "trains": "auxiliary", **common},
+        {"worker": "di4c_step", "M": args.num_lambda, **common},
+    ]
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "sampling": sampling_cases,
     "training": training_cases,
 }
+#: sections measured by their own code with their own table (not a case per child)
+TABLE_SECTIONS = ("token_store",)
+
+
+def token_store_section(args: argparse.Namespace) -> str:
+    """Section (c): ``setup`` of the token store for each corpus size (``token_store_memory.measure_token_store``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from token_store_memory import markdown, measure_token_store
+
+    rows = measure_token_store(tuple(args.corpus_mb), Path(__file__).resolve().parents[1], "this code",
+                               args.workdir, seq_len=args.seq_len)
+    growth = rows[-1]["setup_peak_mb"] - rows[0]["setup_peak_mb"]
+    return (markdown(rows) + f"\n\nsetup peak grows {growth:+.1f} MB from {rows[0]['corpus_mb']:g} MB to "
+            f"{rows[-1]['corpus_mb']:g} MB of text (target: < 20 MB)")
 
 
 def run_child(case: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -188,6 +280,10 @@ def describe(case: dict[str, Any]) -> str:
     """The case's name in the table."""
     if case["worker"] == "teacher_step":
         return "teacher step (t-DCE)"
+    if case["worker"] == "dmmd_step":
+        return f"D-MMD step ({case['trains']} update)"
+    if case["worker"] == "di4c_step":
+        return f"Di4C step (M = {case['M']})"  # the share of masked positions is added to the row once measured
     filters = [f"{k}={case[k]}" for k, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)) if case[k] != off]
     name = "sampling, masked teacher" + (", cached" if case["cache"] else "")
     return name + (" (" + ", ".join(filters) + ")" if filters else "")
@@ -202,7 +298,8 @@ def table(rows: list[tuple[dict[str, Any], dict[str, Any]]], baseline: dict[str,
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, res in rows:
         unit = 4 * case["B"] * case["D"] * case["V"]
-        cells = [describe(case), str(case["B"]), case["precision"]]
+        name = describe(case) + (f", {res['masked']:.0%} of positions masked" if "masked" in res else "")
+        cells = [name, str(case["B"]), case["precision"]]
         if "error" in res:
             cells += [res["error"]] + [""] * (len(head) - 4)
         else:
@@ -218,7 +315,8 @@ def table(rows: list[tuple[dict[str, Any], dict[str, Any]]], baseline: dict[str,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--section", choices=["all", *SECTIONS], default="all", help="which measurements to run")
+    parser.add_argument("--section", choices=["all", *SECTIONS, *TABLE_SECTIONS], default="all",
+                        help="which measurements to run")
     parser.add_argument("--quick", action="store_true", help="small sizes (V=512, D=64) that run in seconds")
     parser.add_argument("--vocab-size", type=int, default=GPT2_VOCAB, help="V")
     parser.add_argument("--seq-len", type=int, default=GPT2_SEQ_LEN, help="D")
@@ -230,7 +328,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--train-batch", type=int, default=4, help="batch size of the training step")
+    parser.add_argument("--train-batch", type=int, default=4, help="batch size of the training steps")
+    parser.add_argument("--num-lambda", type=int, default=4, help="M, lambda draws of the Di4C step")
+    parser.add_argument("--corpus-mb", type=float, nargs="+", default=[10, 200],
+                        help="token_store: corpus sizes in MB of text")
+    parser.add_argument("--workdir", default=None, help="token_store: keep corpora and caches here")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-gb", type=float, default=0.0,
                         help="address-space limit per child in GiB (0 = none): a case that needs more fails cleanly")
@@ -239,6 +341,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:  # small sizes unless given explicitly
         args.vocab_size, args.seq_len, args.steps = 512, 64, 2
+        args.corpus_mb = [0.2, 1] if args.corpus_mb == parser.get_default("corpus_mb") else args.corpus_mb
         args.batch_sizes = [1, 4] if args.batch_sizes == parser.get_default("batch_sizes") else args.batch_sizes
     return args
 
@@ -254,17 +357,22 @@ def main(argv: list[str] | None = None) -> str:
     if "error" in baseline:
         raise SystemExit(f"the import-only child failed: {baseline['error']}")
     print(f"measuring the lightning_ddd package in {baseline['package']}", file=sys.stderr, flush=True)
-    sections = list(SECTIONS) if args.section == "all" else [args.section]
+    sections = [*SECTIONS, *TABLE_SECTIONS] if args.section == "all" else [args.section]
     rows = []
     for section in sections:
-        for case in SECTIONS[section](args):
+        for case in SECTIONS.get(section, lambda _: [])(args):
             case = {**common, **case}
             rows.append((case, run_child(case, args.timeout)))
             print(f"done: {describe(case)}, B={case['B']}, {case['precision']}", file=sys.stderr, flush=True)
-    text = (
-        f"V = {args.vocab_size}, D = {args.seq_len}, 1-layer backbone (d_model = {args.d_model}), "
-        f"device {args.device}; import baseline {baseline['rss'] / 1e9:.2f} GB RSS\n\n" + table(rows, baseline)
-    )
+    parts = []
+    if rows:
+        parts.append(f"V = {args.vocab_size}, D = {args.seq_len}, 1-layer backbone (d_model = {args.d_model}), "
+                     f"device {args.device}; import baseline {baseline['rss'] / 1e9:.2f} GB RSS\n\n"
+                     + table(rows, baseline))
+    if "token_store" in sections:
+        parts.append(f"Token store, rows of {args.seq_len} tokens (MB of RSS above the import baseline):\n\n"
+                     + token_store_section(args))
+    text = "\n\n".join(parts)
     print(text)
     return text
 

@@ -37,6 +37,26 @@ def test_every_section_and_worker_runs_in_process():
     modules = bench._imports()
     for name, work in bench.WORKERS.items():
         case = {"worker": name, "V": 16, "D": 8, "d_model": 8, "device": "cpu", "B": 2, "precision": "float64",
-                "steps": 2, "cache": name == "sampling", "top_p": 0.9, "top_k": 0, "temperature": 1.0}
+                "steps": 2, "cache": name == "sampling", "top_p": 0.9, "top_k": 0, "temperature": 1.0,
+                "trains": "student", "M": 2}
         result = work(modules, case)
         assert name == "baseline" or result["s_per_step"] > 0
+
+
+def test_training_rows_name_every_model(capsys):
+    """The training section measures the teacher, both D-MMD updates and Di4C, each in its own child."""
+    bench = load_script()
+    text = bench.main(["--quick", "--section", "training", "--vocab-size", "64", "--seq-len", "16"])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    names = [row.strip("|").split("|")[0].strip() for row in rows]
+    assert names[:3] == ["teacher step (t-DCE)", "D-MMD step (student update)", "D-MMD step (auxiliary update)"]
+    assert re.fullmatch(r"Di4C step \(M = 4\), \d+% of positions masked", names[3])
+    for row in rows:
+        float(row.strip("|").split("|")[3])  # a number, not an error
+
+
+def test_token_store_section_prints_its_table(tmp_path):
+    bench = load_script()
+    text = bench.main(["--section", "token_store", "--corpus-mb", "0.02", "0.05", "--seq-len", "64",
+                       "--workdir", str(tmp_path)])
+    assert "| this code | 0.02 |" in text and "| this code | 0.05 |" in text and "setup peak grows" in text

@@ -104,8 +104,8 @@ def test_teacher_and_components_run_once_per_step(teacher_ckpt, monkeypatch):
     perturb(s)
     calls = {"teacher": 0, "components": 0}
     teacher_denoise, components = s.teacher.denoise, s.components
-    monkeypatch.setattr(s.teacher, "denoise", lambda *a: calls.__setitem__("teacher", calls["teacher"] + 1)
-                        or teacher_denoise(*a))
+    monkeypatch.setattr(s.teacher, "denoise", lambda *a, **k: calls.__setitem__("teacher", calls["teacher"] + 1)
+                        or teacher_denoise(*a, **k))
     monkeypatch.setattr(s, "components", lambda *a: calls.__setitem__("components", calls["components"] + 1)
                         or components(*a))
     x = torch.randint(5, (6, 8), generator=torch.Generator().manual_seed(0))
@@ -140,8 +140,8 @@ def test_dmmd_context_runs_teacher_and_auxiliary_once(teacher_ckpt, monkeypatch)
     s = DMMDStudent(teacher_ckpt)
     calls = []
     teacher_log_probs, aux_log_probs = s.teacher_log_probs, s.aux_log_probs
-    monkeypatch.setattr(s, "teacher_log_probs", lambda *a: calls.append("teacher") or teacher_log_probs(*a))
-    monkeypatch.setattr(s, "aux_log_probs", lambda *a: calls.append("aux") or aux_log_probs(*a))
+    monkeypatch.setattr(s, "teacher_log_probs", lambda *a, **k: calls.append("teacher") or teacher_log_probs(*a, **k))
+    monkeypatch.setattr(s, "aux_log_probs", lambda *a, **k: calls.append("aux") or aux_log_probs(*a, **k))
     x = torch.randint(5, (4, 8), generator=torch.Generator().manual_seed(0))
     out = s.compute_losses(x, torch.Generator().manual_seed(1), trains="auxiliary")
     assert sorted(calls) == ["aux", "teacher"]

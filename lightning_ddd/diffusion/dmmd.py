@@ -31,14 +31,17 @@ __all__ = [
     "TeacherShaping",
     "Weighting",
     "aux_targets",
+    "auxiliary_cross_entropy",
     "auxiliary_loss",
     "draw_times",
+    "expected_cost",
     "generator_loss",
     "loss_positions",
     "loss_weight",
     "masked_mean",
     "shape_teacher",
     "soft_top_p",
+    "sum_rows",
 ]
 
 
@@ -143,11 +146,29 @@ def loss_positions(z_s: Tensor, process: DiscreteProcess) -> Tensor | None:
     return z_s == process.mask_id if isinstance(process, MaskedProcess) else None
 
 
-def _select(values: Tensor, positions: Tensor | None) -> Tensor:
-    """Zero (B, D, V) ``values`` outside ``positions`` *before* any arithmetic, so -inf never meets -inf."""
+def _rows(values: Tensor, positions: Tensor | None) -> Tensor:
+    """(B, D, ...) values at ``positions`` (B, D) bool as rows (n, ...); all B * D rows when None."""
+    return values.reshape(-1, *values.shape[2:]) if positions is None else values[positions]
+
+
+def sum_rows(values: Tensor, positions: Tensor | None, shape: tuple[int, int]) -> Tensor:
+    """Per-sequence sums of per-row values (n,) at ``positions`` (None: all) of a (B, D) ``shape`` → (B,).
+
+    The rows are laid out on (B, D) with zeros elsewhere and summed over D (the order of a masked dense sum).
+    """
     if positions is None:
-        return values
-    return torch.where(positions.unsqueeze(-1), values, torch.zeros((), dtype=values.dtype, device=values.device))
+        return values.reshape(shape).sum(-1)
+    return values.new_zeros(shape).masked_scatter(positions, values).sum(-1)
+
+
+def expected_cost(p: Tensor, aux_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    """``sum_c p[c] (l_phi - l_theta)[c]`` per row, fp32: (..., V) three times → (...,); gradient through p only.
+
+    The rows must be ones the losses sum over (finite log-probs). One (..., V) cost tensor is built and kept
+    for backward; the product with p is a batched dot product.
+    """
+    cost = aux_log_probs.detach().float() - teacher_log_probs.detach().float()
+    return torch.einsum("...v,...v->...", p.float(), cost)
 
 
 def generator_loss(
@@ -157,6 +178,7 @@ def generator_loss(
 
     Only ``p`` carries gradient (the student's); the log-prob difference is a fixed per-class cost, so the
     gradient w.r.t. the student's logits a is ``w p_c (g_c - sum_c' p_c' g_c')`` with g = l_phi - l_theta.
+    Only the rows at ``positions`` enter the arithmetic (elsewhere -inf may meet -inf).
 
     Args:
         p: (B, D, V) the student's x-prediction at z_t (with grad).
@@ -165,9 +187,8 @@ def generator_loss(
         weight: (B,) w(s).
         positions: (B, D) bool positions to sum over (``loss_positions``), None = all.
     """
-    cost = _select(aux_log_probs.detach().float(), positions) - _select(teacher_log_probs.detach().float(), positions)
-    per_token = (_select(p.float(), positions) * cost).sum(-1)  # (B, D)
-    return weight * per_token.sum(-1)
+    per_row = expected_cost(_rows(p, positions), _rows(aux_log_probs, positions), _rows(teacher_log_probs, positions))
+    return weight * sum_rows(per_row, positions, p.shape[:2])
 
 
 def aux_targets(p: Tensor, x: Tensor, kind: AuxTarget) -> Tensor:
@@ -175,13 +196,30 @@ def aux_targets(p: Tensor, x: Tensor, kind: AuxTarget) -> Tensor:
 
     Soft is an unbiased, lower-variance target only when x^d is independent of z_s given the student's
     inputs, which holds at the positions still masked in z_s (masked process). Under uniform noise z_s
-    depends on x at every position, so the target must be hard.
+    depends on x at every position, so the target must be hard. (``auxiliary_cross_entropy`` also takes the
+    hard target as the ids x themselves, which needs no (B, D, V) tensor.)
     """
     if kind == "soft":
         return p.detach().float()
     if kind == "hard":
         return F.one_hot(x, p.shape[-1]).float()
     raise ValueError(f"aux_target='{kind}' is not one of 'soft', 'hard'.")
+
+
+def auxiliary_cross_entropy(aux_log_probs: Tensor, teacher_log_probs: Tensor, target: Tensor) -> Tensor:
+    """``-sum_c (y + exp(l_theta))[c] log p_phi[c]`` per row, fp32: (..., V) twice → (...,).
+
+    Args:
+        aux_log_probs: (..., V) log p_phi (with grad; finite).
+        teacher_log_probs: (..., V) l_theta.
+        target: y as (..., V) probabilities, or as (...) long token ids (a one-hot y, no (..., V) tensor built).
+    """
+    mix = teacher_log_probs.detach().float().exp()  # (..., V) fresh: y is added in place
+    if target.dtype == torch.long:
+        mix.scatter_add_(-1, target.unsqueeze(-1), torch.ones(target.shape + (1,), dtype=mix.dtype, device=mix.device))
+    else:
+        mix.add_(target.detach().float())
+    return -torch.einsum("...v,...v->...", mix, aux_log_probs.float())
 
 
 def auxiliary_loss(
@@ -195,13 +233,13 @@ def auxiliary_loss(
     Args:
         aux_log_probs: (B, D, V) log p_phi at z_s (with grad; finite at the summed positions).
         teacher_log_probs: (B, D, V) l_theta at z_s.
-        target: (B, D, V) y from ``aux_targets``.
+        target: y from ``aux_targets``, (B, D, V), or the (B, D) sampled ids for the hard target.
         weight: (B,) w(s).
         positions: (B, D) bool positions to sum over, None = all.
     """
-    mix = _select(target.detach().float(), positions) + _select(teacher_log_probs.detach().float(), positions).exp()
-    per_token = -(mix * _select(aux_log_probs.float(), positions)).sum(-1)  # (B, D); 0 outside positions
-    return weight * per_token.sum(-1)
+    per_row = auxiliary_cross_entropy(_rows(aux_log_probs, positions), _rows(teacher_log_probs, positions),
+                                      _rows(target, positions))
+    return weight * sum_rows(per_row, positions, aux_log_probs.shape[:2])
 
 
 def masked_mean(values: Tensor, positions: Tensor | None) -> Tensor:

@@ -167,12 +167,10 @@ class MaskedProcess(DiscreteProcess):
         index = z_t.clamp_max(self.vocab_size - 1).unsqueeze(-1)  # (B, D, 1)
         if not torch.is_grad_enabled():
             return _log_softmax_in_place(_writable_fp32(logits), carried, index)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)  # the mask is never predicted: V outputs only
-        # Unmasked positions carry their token with probability one. Built with one masked_fill and a scatter
-        # (no (B, D, V) one-hot): at V = 50k and D = 1024 every extra full-size tensor costs gigabytes.
-        out = log_probs.masked_fill(carried, float("-inf"))
-        value = torch.where(carried, 0.0, log_probs.gather(-1, index))
-        return out.scatter_(-1, index, value)  # in place: masked_fill does not need its output for backward
+        # The mask is never predicted: V outputs only. Unmasked positions carry their token with probability
+        # one; one autograd node keeps only its output for backward (at V = 50k and D = 1024 every extra
+        # full-size tensor costs gigabytes).
+        return _CarriedLogSoftmax.apply(logits.float(), carried, index)
 
 
 class UniformProcess(DiscreteProcess):
@@ -242,9 +240,16 @@ class UniformProcess(DiscreteProcess):
         return torch.randint(self.vocab_size, (batch_size, seq_len), generator=generator, device=device)
 
     def prior_kl(self, x: Tensor) -> Tensor:
-        """KL(q(z_1 | x) || uniform), summed over dimensions: (B, D) → (B,)."""
-        q = self.marginal_probs(x, 1.0).double()
-        return torch.xlogy(q, q * self.vocab_size).sum(dim=(-1, -2))
+        """KL(q(z_1 | x) || uniform), summed over dimensions: (B, D) → (B,) float64.
+
+        q(z_1 | x) puts alpha_1 + (1 - alpha_1)/V on x and (1 - alpha_1)/V on each other id, whatever x is, so
+        every dimension has the same KL (no (B, D, V) tensor).
+        """
+        V = self.vocab_size
+        alpha = self.schedule.alpha(torch.ones((), dtype=torch.float64, device=x.device))
+        on, off = alpha + (1.0 - alpha) / V, (1.0 - alpha) / V
+        per_dim = torch.xlogy(on, on * V) + (V - 1) * torch.xlogy(off, off * V)
+        return per_dim.expand(x.shape[0]) * x.shape[1]
 
     def x0_log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
@@ -265,6 +270,30 @@ def _writable_fp32(logits: Tensor) -> Tensor:
     if out is logits and (out._base is not None or not out.is_contiguous()):
         out = out.clone(memory_format=torch.contiguous_format)  # a view may share memory with other state
     return out
+
+
+class _CarriedLogSoftmax(torch.autograd.Function):
+    """``log_softmax(logits)`` with the ``carried`` rows (B, D, 1) made one-hot at ``index`` (B, D, 1): log-prob
+    0 there, -inf elsewhere. Differentiable in ``logits``; the gradient at carried rows is zero.
+
+    The same values and gradients as ``log_softmax`` followed by ``masked_fill`` and ``scatter``, but the only
+    (B, D, V) tensor kept for backward is the output: the chain of ops kept two.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, carried: Tensor, index: Tensor) -> Tensor:
+        out = torch.log_softmax(logits, dim=-1)
+        out.masked_fill_(carried, float("-inf")).scatter_(-1, index, torch.where(carried, 0.0, out.gather(-1, index)))
+        ctx.save_for_backward(out, carried)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        out, carried = ctx.saved_tensors
+        # At the other rows out is log_softmax's own output; carried rows get no gradient (constant rows).
+        grad_in = torch.ops.aten._log_softmax_backward_data(grad.contiguous(), out, -1, out.dtype)
+        return grad_in.masked_fill_(carried, 0.0), None, None
 
 
 def _log_softmax_in_place(out: Tensor, carried: Tensor | None = None, index: Tensor | None = None) -> Tensor:

@@ -24,6 +24,22 @@ ProcessFactory = Callable[[int], DiscreteProcess]
 BackboneFactory = Callable[[int, int, int], Backbone]
 
 
+def backbone_logits(
+    backbone: nn.Module, z: Tensor, t: Tensor | None, cond: Tensor | None = None, positions: Tensor | None = None
+) -> Tensor:
+    """``backbone(z, t[, cond])``: (B, D, V) logits, or with ``positions`` ((B, D) bool) the (N, V) rows there.
+
+    A backbone whose ``forward`` takes ``positions`` runs its head on those rows only; any other is run in full
+    and its output indexed. No ``cond`` argument is passed when ``cond`` is None (backbones without one).
+    """
+    args = (z, t, cond) if cond is not None else (z, t)
+    if positions is None:
+        return backbone(*args)
+    if "positions" in inspect.signature(backbone.forward).parameters:
+        return backbone(*args, positions=positions)  # (N, V)
+    return backbone(*args)[positions]
+
+
 class Shared:
     """Holds an object by reference through deep copies.
 
@@ -116,14 +132,18 @@ class DiffusionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=[*self.hparams_ignore, *base_only], frame=inspect.currentframe())
 
     # ---- the denoiser -------------------------------------------------------------------------------
-    def denoise(self, z_t: Tensor, t: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
-        """log p_theta(x | z_t): (B, D) noisy ids [, (B,) times, conditioning] → (B, D, V) fp32 log-probs."""
+    def denoise(
+        self, z_t: Tensor, t: Tensor | None = None, cond: Tensor | None = None, positions: Tensor | None = None
+    ) -> Tensor:
+        """log p_theta(x | z_t): (B, D) noisy ids [, (B,) times, conditioning] → (B, D, V) fp32 log-probs; with
+        ``positions`` ((B, D) bool) only at those N positions, (N, V) in row-major order (losses over masked
+        positions need no other row, and the backbone's head then runs on those rows only)."""
         if not getattr(self.backbone, "time_conditioning", False):
             t = None  # RADD: the masked teacher's network has no time input
         elif t is None:
             raise ValueError("this backbone is time-conditioned but the loss gave no time; use TimeDCE or UniformELBO.")
-        logits = self.backbone(z_t, t, cond) if cond is not None else self.backbone(z_t, t)
-        return self.process.x0_log_probs(logits, z_t)  # fp32 even under bf16 autocast
+        logits = backbone_logits(self.backbone, z_t, t, cond, positions)  # (B, D, V) or (N, V)
+        return self.process.x0_log_probs(logits, z_t if positions is None else z_t[positions])  # fp32 even under bf16
 
     # ---- sampling -----------------------------------------------------------------------------------
     def step_condition(self, num_samples: int, generator: torch.Generator | None) -> Any:

@@ -27,13 +27,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_ddd.diffusion.dmmd import TeacherShaping, draw_times, loss_positions, masked_mean
+from lightning_ddd.diffusion.dmmd import TeacherShaping, draw_times
 from lightning_ddd.diffusion.likelihood import estimate_nll
 from lightning_ddd.diffusion.losses import AnyOrderLoss, TeacherLoss, UniformELBO
 from lightning_ddd.diffusion.processes import MaskedProcess
 from lightning_ddd.diffusion.step_times import draw_step_times
 from lightning_ddd.metrics.entropy import unigram_entropy
-from lightning_ddd.modules.base import NoiseStream, shared_attribute
+from lightning_ddd.modules.base import NoiseStream, backbone_logits, shared_attribute
 from lightning_ddd.modules.student import DistilledStudent, TeacherOptions
 from lightning_ddd.modules.student_losses import DistillationLoss, DMMDAuxiliaryLoss, DMMDContext, DMMDGeneratorLoss
 from lightning_ddd.nn.transformer import sinusoids
@@ -248,14 +248,16 @@ class DMMDStudent(DistilledStudent):
     def _time(self, t: Tensor) -> Tensor | None:
         return t.float() if getattr(self.aux_backbone, "time_conditioning", False) else None
 
-    def aux_log_probs(self, z_s: Tensor, s: Tensor) -> Tensor:
-        """log p_phi(x | z_s), (B, D, V) fp32, finite everywhere (the losses select the positions)."""
-        return torch.log_softmax(self.aux_backbone(z_s, self._time(s)).float(), dim=-1)
+    def aux_log_probs(self, z_s: Tensor, s: Tensor, positions: Tensor | None = None) -> Tensor:
+        """log p_phi(x | z_s), (B, D, V) fp32, finite everywhere (the losses select the positions); with
+        ``positions`` ((B, D) bool) the (N, V) rows there only."""
+        return torch.log_softmax(backbone_logits(self.aux_backbone, z_s, self._time(s), None, positions).float(), dim=-1)
 
     @torch.no_grad()
-    def teacher_log_probs(self, z_s: Tensor, s: Tensor) -> Tensor:
-        """l_theta, (B, D, V): the frozen teacher shaped by ``teacher_shaping`` (temperature, soft top-p)."""
-        return self.teacher_shaping(self.teacher.denoise(z_s, s.float()))
+    def teacher_log_probs(self, z_s: Tensor, s: Tensor, positions: Tensor | None = None) -> Tensor:
+        """l_theta, (B, D, V): the frozen teacher shaped by ``teacher_shaping`` (temperature, soft top-p); with
+        ``positions`` ((B, D) bool) the (N, V) rows there only."""
+        return self.teacher_shaping(self.teacher.denoise(z_s, s.float(), positions=positions))
 
     # ---- training ----------------------------------------------------------------------------------
     def training_step(self, x: Tensor, batch_idx: int) -> None:
@@ -284,12 +286,8 @@ class DMMDStudent(DistilledStudent):
             out["loss"] = functools.reduce(operator.add, [out[f"loss_{loss.name}"] for loss in self.losses
                                                           if loss.trains == trains])
         with torch.no_grad():
-            l_theta, l_phi = ctx.teacher_log_probs, ctx.aux_log_probs
-            entropy = -(ctx.p * ctx.log_p.clamp_min(-1e30)).sum(-1)  # (B, D); clamp: 0 * -inf would be NaN
-            safe_theta = torch.where(l_theta.isfinite(), l_theta, torch.zeros_like(l_theta))
-            kl = (l_theta.exp() * (safe_theta - l_phi)).sum(-1)  # (B, D): KL(teacher || auxiliary)
-        out["student_entropy"] = masked_mean(entropy, loss_positions(ctx.z_t, self.process))
-        out["aux_teacher_gap"] = masked_mean(kl, ctx.positions)
+            out["student_entropy"] = ctx.student_entropy()
+            out["aux_teacher_gap"] = ctx.aux_teacher_gap()
         return out
 
     # ---- validation --------------------------------------------------------------------------------

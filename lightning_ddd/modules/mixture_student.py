@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_ddd.diffusion.mixture import Di4CTimes, correlation
+from lightning_ddd.diffusion.mixture import Components, Di4CTimes
 from lightning_ddd.diffusion.sampling import SampleOutput, sample
 from lightning_ddd.modules.student import DistilledStudent, TeacherOptions
 from lightning_ddd.modules.student_losses import (
@@ -171,12 +171,25 @@ class MixtureStudent(DistilledStudent):
         lam = torch.rand(num, generator=generator, device=self.device)
         return lambda_features(lam, self.mixture.lambda_dim, length or self.seq_len, self.mixture.position_dim)
 
-    def components(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
-        """Log-probs of M components with fresh lambdas: (B, D), (B,) → (B, M, D, V)."""
+    def components(
+        self, z_t: Tensor, t: Tensor, generator: torch.Generator | None, positions: Tensor | None = None
+    ) -> Components:
+        """The M components with fresh lambdas at ``positions`` (B, D) (None: all), packed (M, n, V).
+
+        B * M lambdas are drawn (lambda_{b, j} the (b M + j)-th draw) whatever the positions; the backbone runs on
+        the M copies of the sequences that have a position only, and its head on those positions only.
+        """
         M, (B, D) = self.mixture.num_lambda, z_t.shape
-        cond = self.draw_lambda(B * M, generator, D)  # (B*M, [D,] C)
-        out = self.denoise(z_t.repeat_interleave(M, 0), t.repeat_interleave(M, 0), cond)  # (B*M, D, V)
-        return out.view(B, M, D, -1)
+        if positions is None:
+            positions = torch.ones_like(z_t, dtype=torch.bool)
+        lam = torch.rand(B, M, generator=generator, device=self.device)  # (B, M)
+        seqs = positions.any(dim=-1).nonzero().squeeze(-1)  # (A,) sequences with a row
+        # Component-major copies: copy j of sequence a is row j * A + a, so the output's rows are (j, a, d).
+        lam = lam[seqs].t().reshape(-1)  # (M*A,)
+        cond = lambda_features(lam, self.mixture.lambda_dim, D, self.mixture.position_dim)  # (M*A, [D,] C)
+        z, tt, pos = z_t[seqs].repeat(M, 1), t[seqs].repeat(M), positions[seqs].repeat(M, 1)
+        out = self.denoise(z, tt, cond, positions=pos)  # (M * n, V)
+        return Components(out.view(M, -1, out.shape[-1]), positions)
 
     def step_condition(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
         """A fresh lambda per sample at every sampling step, from the sampler's generator."""
@@ -191,7 +204,8 @@ class MixtureStudent(DistilledStudent):
         out = {"loss": functools.reduce(operator.add, terms.values()).float().mean()}
         out.update({f"loss_{name}": value.float().mean() for name, value in terms.items()})
         with torch.no_grad():
-            out["data_correlation"] = (correlation(ctx.log_probs, x, ctx.mask) / D).float().mean()
+            comps = ctx.components
+            out["data_correlation"] = (comps.correlation(comps.rows(x)[None])[0] / D).float().mean()
         return out
 
     # ---- sampling ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_ddd.diffusion import dmmd, mixture
-from lightning_ddd.diffusion.categorical import sample_categorical
+from lightning_ddd.diffusion.draws import sample_positions
 from lightning_ddd.diffusion.processes import MaskedProcess
 
 if TYPE_CHECKING:
@@ -83,8 +83,11 @@ class DistillationLoss(ABC):
 class Di4CContext:
     """One Di4C draw on clean ids x (B, D): per-example times and roles, z_t, and the shared forward passes.
 
-    Draw order is fixed (times, z_t, then the M lambdas at the first use of ``log_probs``), so a term that
-    draws noise of its own reads ``log_probs`` first.
+    Every Di4C sum runs over the positions masked in z_t (masked process) or over all positions (uniform),
+    so the teacher and the student are evaluated at those rows only (packed, see
+    :class:`~lightning_ddd.diffusion.mixture.Components`), and the student's M copies are made only of the
+    sequences that have such a position. Draw order is fixed (times, z_t, then the B * M lambdas at the first
+    use of ``components``), so a term that draws noise of its own reads ``components`` first.
 
     Attributes:
         student: the MixtureStudent.
@@ -93,6 +96,7 @@ class Di4CContext:
         t: (B,) times; near: (B,) bool, True for distillation examples (t in [delta, 2 delta]).
         z_t: (B, D) noisy ids.
         mask: (B, D) positions masked in z_t (masked process), or None (uniform: every position).
+        positions: (B, D) the positions that take part: ``mask``, or all of them.
     """
 
     def __init__(self, student: MixtureStudent, x: Tensor, generator: torch.Generator | None) -> None:
@@ -101,17 +105,18 @@ class Di4CContext:
         self.z_t = student.process.corrupt(x, self.t, generator)  # (B, D)
         # Masked process: only positions masked in z_t take part (the rest are carried by every model).
         self.mask = self.z_t == student.process.mask_id if isinstance(student.process, MaskedProcess) else None
+        self.positions = self.mask if self.mask is not None else torch.ones_like(x, dtype=torch.bool)
 
     @cached_property
     def teacher_log_probs(self) -> Tensor:
-        """The frozen teacher's log p(x^d | z_t), (B, D, V), no graph."""
+        """The frozen teacher's log p(x^d | z_t) at the rows, (n, V), no graph."""
         with torch.no_grad():
-            return self.student.teacher.denoise(self.z_t, self.t)
+            return self.student.teacher.denoise(self.z_t, self.t, positions=self.positions)
 
     @cached_property
-    def log_probs(self) -> Tensor:
-        """The student's M components with fresh lambdas, (B, M, D, V), with graph."""
-        return self.student.components(self.z_t, self.t, self.generator)
+    def components(self) -> mixture.Components:
+        """The student's M components with fresh lambdas at the rows, (M, n, V), with graph."""
+        return self.student.components(self.z_t, self.t, self.generator, self.positions)
 
 
 class Di4CDistillationLoss(DistillationLoss):
@@ -121,7 +126,7 @@ class Di4CDistillationLoss(DistillationLoss):
     context = Di4CContext
 
     def __call__(self, ctx: Di4CContext) -> Tensor:
-        distil = mixture.distillation_loss(ctx.log_probs, ctx.teacher_log_probs, ctx.mask)  # (B,)
+        distil = mixture.distillation_loss(ctx.components, ctx.teacher_log_probs)  # (B,)
         return self.weight * torch.where(ctx.near, distil, torch.zeros_like(distil))
 
 
@@ -142,14 +147,14 @@ class Di4CDataLoss(DistillationLoss):
         self.a_t = a_t
 
     def __call__(self, ctx: Di4CContext) -> Tensor:
-        data = mixture.data_loss(ctx.log_probs, ctx.teacher_log_probs, ctx.x, self.a_t(ctx.t), ctx.mask)
+        data = mixture.data_loss(ctx.components, ctx.teacher_log_probs, ctx.x, self.a_t(ctx.t))
         return self.weight * data
 
 
 class Di4CConsistencyLoss(DistillationLoss):
     """Consistency examples only: the mixture cross-entropy of the student at t against one teacher step
     t → u followed by the student at u (a fresh lambda per draw, no dropout). Costs M extra forward passes
-    per consistency example.
+    per consistency example that has a masked position.
 
     Args:
         weight: multiplies the term.
@@ -159,41 +164,91 @@ class Di4CConsistencyLoss(DistillationLoss):
     name = "consis"
     context = Di4CContext
 
+    #: Elements (rows x V) of the targets' log-probs computed at once: the M target components are evaluated
+    #: in groups of about this size (all at once at small sizes), their marginal accumulated group by group.
+    chunk_elements: int = 1 << 25
+
     def __init__(self, weight: float = 1.0, step: mixture.ConsistencyStep = mixture.ConsistencyStep()) -> None:
         super().__init__(weight)
         self.step = step
 
     def __call__(self, ctx: Di4CContext) -> Tensor:
-        log_probs = ctx.log_probs  # first: the components' lambdas are drawn before the targets' noise
-        consis = torch.zeros(log_probs.shape[0], dtype=log_probs.dtype, device=log_probs.device)
-        rows = (~ctx.near).nonzero().squeeze(-1)  # consistency examples only: they need M extra forward passes
-        if rows.numel() > 0:
-            rows_mask = ctx.mask[rows] if ctx.mask is not None else None
-            target, y = self.targets(ctx, rows)
-            consis = consis.index_put((rows,), mixture.consistency_loss(log_probs[rows], target, y, rows_mask))
-        return self.weight * consis
+        comps = ctx.components  # first: the components' lambdas are drawn before the targets' noise
+        consis = ctx.x.new_zeros(ctx.x.shape[0], dtype=comps.log_probs.dtype)  # (B,)
+        is_consis = ~ctx.near & ctx.positions.any(dim=-1)  # (B,) consistency examples with rows to score
+        seqs = is_consis.nonzero().squeeze(-1)  # (R,)
+        if seqs.numel() == 0:
+            return consis
+        target_bar, y = self.targets(ctx, seqs)  # (n_R, V), (M, n_R)
+        in_r = is_consis[ctx.positions.nonzero()[:, 0]]  # (n,) rows of the consistency examples
+        kl = mixture.row_kl(target_bar, comps.log_marginal[in_r])  # (n_R,)
+        # Targets on every row (the other sequences' values are dropped below): the correlation needs no copy
+        # of the components.
+        y_all = y.new_zeros(y.shape[0], in_r.shape[0])  # (M, n)
+        y_all[:, in_r] = y
+        value = -comps.correlation(y_all).mean(dim=0) + comps.sum_rows(kl.new_zeros(in_r.shape).masked_scatter(in_r, kl))
+        return self.weight * torch.where(is_consis, value, consis)
 
     @torch.no_grad()
-    def targets(self, ctx: Di4CContext, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """One teacher step t → u per lambda draw, then the student at u with a fresh lambda.
+    def targets(self, ctx: Di4CContext, seqs: Tensor) -> tuple[Tensor, Tensor]:
+        """One teacher step t → u per lambda draw, then the student at u with a fresh lambda, at the rows of ``seqs``.
+
+        Copy j of sequence r is row ``j * R + r`` of the repeated batch. The teacher's clean guess x_hat is drawn
+        only where the step unmasks (masked process; every position for uniform), and y_j only at the rows, each
+        by inverse CDF in float64 (one uniform per drawn row).
 
         Returns:
-            log Q_j (R, M, D, V) and draws y_j ~ prod_d Q_j^d (R, M, D) for the R rows.
+            log Qbar = logsumexp_j log Q_j - log M at the n_R rows of ``seqs`` (n_R, V), and y_j ~ prod_d Q_j^d
+            there (M, n_R).
         """
-        student = ctx.student
-        z_t, t = ctx.z_t[rows], ctx.t[rows]
-        M, (R, D) = student.mixture.num_lambda, z_t.shape
-        u = self.step.draw(t, ctx.generator)  # (R,)
-        t_rep, u_rep = t.repeat_interleave(M, 0), u.repeat_interleave(M, 0)  # (R*M,)
-        z_rep = z_t.repeat_interleave(M, 0)  # (R*M, D)
-        x_hat = sample_categorical(ctx.teacher_log_probs[rows].repeat_interleave(M, 0), ctx.generator)  # (R*M, D)
-        z_u = student.process.posterior_sample(z_rep, x_hat, u_rep, t_rep, ctx.generator)  # (R*M, D)
+        student, g = ctx.student, ctx.generator
+        M, (R, D) = student.mixture.num_lambda, (seqs.numel(), ctx.x.shape[1])
+        z_t, t, positions = ctx.z_t[seqs], ctx.t[seqs], ctx.positions[seqs]  # (R, D), (R,), (R, D)
+        u = self.step.draw(t, g)  # (R,)
+        z_u = self.teacher_step(ctx, seqs, u, M)  # (M*R, D)
+        u_rep, pos_rep = u.repeat(M), positions.repeat(M, 1)  # (M*R,), (M*R, D)
+        lam = student.draw_lambda(M * R, g, D)  # (M*R, [D,] C)
+        n_r = int(positions.sum())
+        group = max(1, self.chunk_elements // max(1, n_r * student.vocab_size))  # components per group
         was_training = student.backbone.training
         student.backbone.eval()  # the target is the student's deterministic prediction (no dropout)
-        target = student.denoise(z_u, u_rep, student.draw_lambda(R * M, ctx.generator, D))  # (R*M, D, V)
+        acc, draws = None, []
+        for j0 in range(0, M, group):
+            rows = slice(j0 * R, min(M, j0 + group) * R)  # the copies of components j0 .. j0 + group - 1
+            log_q = student.denoise(z_u[rows], u_rep[rows], lam[rows], positions=pos_rep[rows])  # (c * n_R, V)
+            draws.append(sample_positions(log_q[None], torch.arange(log_q.shape[0], device=log_q.device), g))
+            part = log_q.view(-1, n_r, log_q.shape[-1])  # (c, n_R, V)
+            part = part[0] if part.shape[0] == 1 else torch.logsumexp(part, dim=0)  # (n_R, V)
+            acc = part if acc is None else torch.logaddexp(acc, part, out=acc)  # in place: one (n_R, V) buffer
+            del log_q, part
         student.backbone.train(was_training)
-        y = sample_categorical(target, ctx.generator)  # (R*M, D)
-        return target.view(R, M, D, -1), y.view(R, M, D)
+        return acc.sub_(math.log(M)), torch.cat(draws).view(M, n_r)
+
+    @staticmethod
+    def teacher_step(ctx: Di4CContext, seqs: Tensor, u: Tensor, copies: int) -> Tensor:
+        """z_u ~ q(z_u | z_t, x_hat) with x_hat ~ teacher, for ``copies`` independent copies of the ``seqs`` rows.
+
+        Returns:
+            (copies * R, D) ids; copy j of sequence r is row j * R + r.
+        """
+        process, g = ctx.student.process, ctx.generator
+        z_rep = ctx.z_t[seqs].repeat(copies, 1)  # (C*R, D)
+        t_rep, u_rep = ctx.t[seqs].repeat(copies), u.repeat(copies)  # (C*R,)
+        # Row of each position in the teacher's packed log-probs (-1 outside ``positions``).
+        row_of = torch.cumsum(ctx.positions.reshape(-1), 0).view_as(ctx.positions) - 1  # (B, D)
+        teacher_rows = row_of[seqs].repeat(copies, 1)  # (C*R, D)
+        teacher = ctx.teacher_log_probs[None]  # (1, n, V): sample_positions reads rows by flat index
+        if isinstance(process, MaskedProcess):
+            alpha_u = process.schedule.alpha(u_rep.double()).unsqueeze(-1)  # (C*R, 1)
+            alpha_t = process.schedule.alpha(t_rep.double()).unsqueeze(-1)
+            unmask = (alpha_u - alpha_t) / (1.0 - alpha_t)  # (C*R, 1): a masked position unmasks w.p. this
+            draw = torch.rand(z_rep.shape, generator=g, device=z_rep.device, dtype=torch.float64)
+            update = (z_rep == process.mask_id) & (draw < unmask)  # (C*R, D)
+            z_u = z_rep.clone()
+            z_u[update] = sample_positions(teacher, teacher_rows[update], g)
+            return z_u
+        x_hat = sample_positions(teacher, teacher_rows.reshape(-1), g).view_as(z_rep)  # every position (uniform)
+        return process.posterior_sample(z_rep, x_hat, u_rep, t_rep, g)
 
 
 # ---- D-MMD ---------------------------------------------------------------------------------------------
@@ -203,6 +258,11 @@ class DMMDContext:
     """One D-MMD draw on clean ids x (B, D): times s < t, z_t, the student's x-prediction and sample, z_s,
     and (on first use) the shaped teacher and the auxiliary at z_s.
 
+    Networks run on the rows that matter only (their heads on those positions alone): the student at the
+    positions it predicts (masked in z_t for the masked process, else all; its sample is drawn there, the
+    others carry their token), the teacher and the auxiliary at the positions the losses sum over (masked in
+    z_s, a subset, or all). At V = 50k and D = 1,024 each (B, D, V) tensor not built saves gigabytes.
+
     Attributes:
         student: the DMMDStudent.
         x: (B, D) clean ids.
@@ -210,8 +270,10 @@ class DMMDContext:
         s, t: (B,) float64 times, s < t.
         z_t: (B, D) noisy ids; noise: the student's extra input (noise, and the step for a step-aware
             student; ``DMMDStudent.draw_condition``), or None.
-        log_p, p: (B, D, V) the student's x-prediction at z_t (log and probabilities).
-        x_hat: (B, D) the student's sample; z_s: (B, D) the posterior draw from z_t given x_hat.
+        predicted: (B, D) bool, the positions the student predicts (n_t of them).
+        log_p, p: (n_t, V) the student's x-prediction there (log and probabilities).
+        x_hat: (B, D) the student's sample (drawn by inverse CDF in float64; z_t's token where carried).
+        z_s: (B, D) the posterior draw from z_t given x_hat.
     """
 
     def __init__(self, student: DMMDStudent, x: Tensor, generator: torch.Generator | None,
@@ -221,22 +283,14 @@ class DMMDContext:
         self.s, self.t = student.draw_step_times(B, generator)  # (B,) each, float64
         self.z_t = student.process.corrupt(x, self.t, generator)  # (B, D)
         self.noise = student.draw_condition(B, generator, self.t, self.s)  # (B, D, C), (B, C) or None
+        self.predicted = _rows_mask(dmmd.loss_positions(self.z_t, student.process), x)  # (B, D)
         with torch.set_grad_enabled(trains == "student" and torch.is_grad_enabled()):
-            self.log_p = student.denoise(self.z_t, self.t.float(), self.noise)  # (B, D, V); carried tokens visible
+            self.log_p = student.denoise(self.z_t, self.t.float(), self.noise, positions=self.predicted)  # (n_t, V)
         self.p = self.log_p.exp()
-        self.x_hat = sample_categorical(self.log_p.detach(), generator)  # (B, D), float64 Gumbel-max
+        drawn = sample_positions(self.log_p.detach()[None], torch.arange(self.log_p.shape[0], device=x.device),
+                                 generator)  # (n_t,) one float64 uniform per row
+        self.x_hat = self.z_t.masked_scatter(self.predicted, drawn)  # (B, D)
         self.z_s = student.process.posterior_sample(self.z_t, self.x_hat, self.s, self.t, generator)  # (B, D)
-
-    @cached_property
-    def teacher_log_probs(self) -> Tensor:
-        """l_theta at z_s, (B, D, V): the frozen teacher with the student's ``teacher_shaping``."""
-        return self.student.teacher_log_probs(self.z_s, self.s)
-
-    @cached_property
-    def aux_log_probs(self) -> Tensor:
-        """l_phi at z_s, (B, D, V), finite everywhere; with a graph only when the auxiliary trains."""
-        with torch.set_grad_enabled(self.trains == "auxiliary" and torch.is_grad_enabled()):
-            return self.student.aux_log_probs(self.z_s, self.s)
 
     @cached_property
     def positions(self) -> Tensor | None:
@@ -244,9 +298,53 @@ class DMMDContext:
         return dmmd.loss_positions(self.z_s, self.student.process)
 
     @cached_property
+    def loss_rows(self) -> Tensor:
+        """(B, D) bool, ``positions`` or every position (n_s of them)."""
+        return _rows_mask(self.positions, self.x)
+
+    @cached_property
+    def in_loss(self) -> Tensor:
+        """(n_t,) bool: which of the student's rows the losses sum over (masked in z_s implies masked in z_t)."""
+        return self.loss_rows[self.predicted]
+
+    @cached_property
+    def teacher_log_probs(self) -> Tensor:
+        """l_theta at z_s, (n_s, V) at ``loss_rows``: the frozen teacher with the student's ``teacher_shaping``."""
+        return self.student.teacher_log_probs(self.z_s, self.s, positions=self.loss_rows)
+
+    @cached_property
+    def aux_log_probs(self) -> Tensor:
+        """l_phi at z_s, (n_s, V) at ``loss_rows``; with a graph only when the auxiliary trains."""
+        with torch.set_grad_enabled(self.trains == "auxiliary" and torch.is_grad_enabled()):
+            return self.student.aux_log_probs(self.z_s, self.s, positions=self.loss_rows)
+
+    @cached_property
     def weight(self) -> Tensor:
         """w(s), (B,) fp32."""
         return dmmd.loss_weight(self.student.process.schedule, self.s, self.student.dmmd.weighting)
+
+    def sum_rows(self, values: Tensor) -> Tensor:
+        """Per-sequence sums of values at ``loss_rows``: (n_s,) → (B,)."""
+        return dmmd.sum_rows(values, self.loss_rows, tuple(self.x.shape))
+
+    def student_entropy(self) -> Tensor:
+        """Mean entropy of the student's x-prediction over the positions it predicts (0 if none), no graph."""
+        with torch.no_grad():
+            entropy = -torch.special.xlogy(self.p, self.p).sum(-1)  # (n_t,)
+            return entropy.sum() / max(1, entropy.numel())
+
+    def aux_teacher_gap(self) -> Tensor:
+        """Mean KL(teacher || auxiliary) over the positions the losses sum over (0 if none), no graph."""
+        with torch.no_grad():
+            l_theta, l_phi = self.teacher_log_probs, self.aux_log_probs
+            kl = torch.special.xlogy(l_theta.exp(), l_theta.exp()).sum(-1) - torch.einsum(
+                "...v,...v->...", l_theta.exp(), l_phi)  # (n_s,)
+            return kl.sum() / max(1, kl.numel())
+
+
+def _rows_mask(positions: Tensor | None, x: Tensor) -> Tensor:
+    """``positions`` (B, D) bool, or every position of x when None."""
+    return positions if positions is not None else torch.ones_like(x, dtype=torch.bool)
 
 
 class DMMDGeneratorLoss(DistillationLoss):
@@ -258,8 +356,8 @@ class DMMDGeneratorLoss(DistillationLoss):
     trains = "student"
 
     def __call__(self, ctx: DMMDContext) -> Tensor:
-        return self.weight * dmmd.generator_loss(ctx.p, ctx.aux_log_probs, ctx.teacher_log_probs, ctx.weight,
-                                                 ctx.positions)
+        per_row = dmmd.expected_cost(ctx.p[ctx.in_loss], ctx.aux_log_probs, ctx.teacher_log_probs)  # (n_s,)
+        return self.weight * (ctx.weight * ctx.sum_rows(per_row))
 
 
 class DMMDAuxiliaryLoss(DistillationLoss):
@@ -295,6 +393,9 @@ class DMMDAuxiliaryLoss(DistillationLoss):
             )
 
     def __call__(self, ctx: DMMDContext) -> Tensor:
-        target = dmmd.aux_targets(ctx.p, ctx.x_hat, self.resolved_target(ctx.student.process))  # (B, D, V)
-        return self.weight * dmmd.auxiliary_loss(ctx.aux_log_probs, ctx.teacher_log_probs, target, ctx.weight,
-                                                 ctx.positions)
+        if self.resolved_target(ctx.student.process) == "soft":
+            target = ctx.p.detach()[ctx.in_loss]  # (n_s, V) the student's x-prediction
+        else:
+            target = ctx.x_hat[ctx.loss_rows]  # (n_s,) its sample: a one-hot target, by id
+        per_row = dmmd.auxiliary_cross_entropy(ctx.aux_log_probs, ctx.teacher_log_probs, target)  # (n_s,)
+        return self.weight * (ctx.weight * ctx.sum_rows(per_row))

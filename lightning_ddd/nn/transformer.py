@@ -363,8 +363,10 @@ class DenoisingTransformer(Backbone):
         self.cond_proj = _cond_proj(cond_dim, self.d_model).to(device=ref.device, dtype=ref.dtype)
         self.cond_dim = cond_dim
 
-    def forward(self, z: Tensor, t: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
-        """Logits over the real vocabulary at every position.
+    def forward(
+        self, z: Tensor, t: Tensor | None = None, cond: Tensor | None = None, positions: Tensor | None = None
+    ) -> Tensor:
+        """Logits over the real vocabulary at every position, or at the given positions only.
 
         Args:
             z: token ids in [0, num_input_tokens), shape (B, L) with L <= seq_len.
@@ -373,9 +375,13 @@ class DenoisingTransformer(Backbone):
             cond: extra conditioning, shape (B, cond_dim) (shared by all positions) or
                 (B, L, cond_dim) (per position). Only for models with ``cond_dim > 0``; None
                 means no extra term (the same as zeros through an untrained hook).
+            positions: optional (B, L) bool; the head then runs on those N positions only (row-major
+                order), which is all a loss over masked positions needs: at V = 50k the logits of the
+                other positions cost gigabytes. The values equal the full output at those positions.
 
         Returns:
-            Logits of shape (B, L, vocab_size), in the compute dtype (e.g. bf16 under autocast).
+            Logits of shape (B, L, vocab_size), or (N, vocab_size) with ``positions``, in the compute
+            dtype (e.g. bf16 under autocast).
         """
         if z.dim() != 2:
             raise ValueError(f"DenoisingTransformer: expected token ids of shape (B, L), got {tuple(z.shape)}.")
@@ -411,10 +417,15 @@ class DenoisingTransformer(Backbone):
                 raise ValueError(f"DenoisingTransformer: t must have shape ({B},), got {tuple(t.shape)}.")
             c = self.time_emb(t)  # (B, D)
 
+        if positions is not None and tuple(positions.shape) != (B, L):
+            raise ValueError(f"DenoisingTransformer: positions must be a ({B}, {L}) bool mask, got {tuple(positions.shape)}.")
+
         rope = self.rope(L, z.device)  # (cos, sin), each (L, head_dim/2)
         for block in self.blocks:
             x = block(x, rope, c)  # (B, L, D)
-        return self.head(self.ln_f(x))  # (B, L, vocab_size)
+        if positions is not None:
+            x = x[positions]  # (N, D): the final norm and the head act per position
+        return self.head(self.ln_f(x))  # (B, L, vocab_size) or (N, vocab_size)
 
     def _cond_term(self, cond: Tensor, B: int, L: int) -> Tensor:
         """Project ``cond`` to the embedding width: (B, C) -> (B, 1, D), (B, L, C) -> (B, L, D)."""
