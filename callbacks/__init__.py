@@ -24,6 +24,8 @@ not matter), and score them with ``lightning_ddd.evaluation``, the code behind t
 """
 
 from ._sampling import averaged_weights
+from .compile import Compile
+from .ema import EMA, export_weights
 from .fid_logger import FIDLogger
 from .perplexity_logger import PerplexityLogger
 from .sample_logger import SampleLogger
@@ -32,6 +34,8 @@ from .temperature_sweep import TemperatureSweep
 from .throughput import Throughput
 
 __all__ = [
+    "EMA",
+    "Compile",
     "FIDLogger",
     "PerplexityLogger",
     "SampleLogger",
@@ -39,4 +43,5 @@ __all__ = [
     "TemperatureSweep",
     "Throughput",
     "averaged_weights",
+    "export_weights",
 ]

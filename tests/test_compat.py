@@ -69,11 +69,13 @@ def test_metrics_built_without_sync_never_sync_in_compute(sync_on_compute):
     assert bool(calls) == sync_on_compute  # the True case shows the test would see a sync
 
 
-def test_the_callbacks_scorer_builds_its_metrics_without_sync():
+def test_a_scorer_syncs_its_metrics_only_when_several_ranks_score():
+    """The callbacks' scorer (rank 0 alone) must not sync; a data-parallel evaluation's must."""
     from lightning_ddd.data import MarkovChain
+    from lightning_ddd.distributed import Ranks
     from lightning_ddd.evaluation import MetricOptions, SampleScorer
 
-    data = MarkovChain(vocab_size=3, seq_len=4, num_train=8, num_val=8)
-    for sync in (True, False):
-        scorer = SampleScorer(MetricOptions(evaluator="oracle"), data, 3, sync_on_compute=sync)
+    data = MarkovChain(vocab_size=3, seq_len=4, num_train=8, num_val=8, batch_size=4)
+    for ranks, sync in ((Ranks(), False), (Ranks(0, 2), True)):
+        scorer = SampleScorer(MetricOptions(evaluator="oracle"), data, 3, ranks=ranks)
         assert scorer.metrics and all(metric.sync_on_compute is sync for metric in scorer.metrics)

@@ -16,7 +16,7 @@ TINY = os.path.join(ROOT, "tests", "configs", "tiny_teacher.yaml")
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart", "teacher.yaml")
 
 #: the package's layers, bottom first: a layer imports only layers below it (callbacks/ is lightning_ddd.callbacks)
-LAYERS = ["extras", "compat", "diffusion", "nn", "metrics", "data", "checkpoints", "optim", "modules", "released", "evaluation",
+LAYERS = ["extras", "compat", "distributed", "diffusion", "nn", "metrics", "data", "checkpoints", "optim", "modules", "released", "evaluation",
           "callbacks", "trainer", "cli", "__main__"]
 
 
