@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from lightning_ddd.evaluation import MetricOptions, SamplingSettings, generate, sweep
+from lightning_ddd.evaluation import MetricOptions, SamplingSettings, sweep
 
 from ._logging import log_figure, log_scalars
 from ._plots import data_references, metric_lines
@@ -24,7 +24,8 @@ class StepFrontier(ScheduledSampling):
     Scalars: ``frontier/<metric>/steps=<n>`` for the model and ``frontier/teacher/<metric>/steps=<n>`` for
     the teacher, for ``entropy``, ``oracle_nll`` (data with a known density), what ``metrics`` turns on,
     ``mean_nfe`` and ``seconds_per_sample``. Image: ``frontier/plot``, each quality metric against steps.
-    Runs on rank 0 with the EMA weights when EMA is on (see ``lightning_ddd.callbacks._sampling``).
+    Every rank samples its share, rank 0 scores; with the EMA weights when EMA is on (see
+    ``lightning_ddd.callbacks._sampling``).
 
     Args:
         steps: sampling step counts (each replaces ``sampling.steps``).
@@ -58,7 +59,7 @@ class StepFrontier(ScheduledSampling):
     def _frontier(self, model, trainer: pl.Trainer, label: str) -> list[dict]:
         rows = []
         for settings in self.grid:
-            tokens, nfe, seconds = generate(model, settings)  # (N, D), (N,)
+            tokens, nfe, seconds = self.draw(trainer, model, settings)  # (N, D), (N,), on every rank
             rows.append({"model": label, "steps": settings.steps,
                          **self.score(tokens),
                          "mean_nfe": nfe.float().mean().item(), "seconds_per_sample": seconds / settings.num_samples})
@@ -71,6 +72,8 @@ class StepFrontier(ScheduledSampling):
             if self._teacher_rows is None:
                 self._teacher_rows = self._frontier(teacher, trainer, "teacher")
             rows += self._teacher_rows
+        if not trainer.is_global_zero:
+            return
         scalars = {}
         for row in rows:
             prefix = "frontier/" if row["model"] == "model" else "frontier/teacher/"

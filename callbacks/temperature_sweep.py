@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from lightning_ddd.evaluation import MetricOptions, SamplingSettings, generate, sweep
+from lightning_ddd.evaluation import MetricOptions, SamplingSettings, sweep
 
 from ._logging import log_figure, log_scalars
 from ._plots import data_references, metric_lines
@@ -18,8 +18,8 @@ class TemperatureSweep(ScheduledSampling):
     what ``metrics`` turns on (e.g. ``gen_ppl``, ``fid``); ``/top_p=<p>`` is appended when a top-p other than 1
     is swept.
     Image: ``sweep/plot``, each metric against temperature with one line per step count (and top-p).
-    Every setting uses the same ``sampling.seed``, so settings differ only by the setting. Runs on rank 0
-    with the EMA weights when EMA is on (see ``lightning_ddd.callbacks._sampling``).
+    Every setting uses the same ``sampling.seed``, so settings differ only by the setting. Every rank draws
+    its share, rank 0 scores; with the EMA weights when EMA is on (see ``lightning_ddd.callbacks._sampling``).
 
     Args:
         temperatures: softmax temperatures of the x-prediction to sweep.
@@ -56,11 +56,15 @@ class TemperatureSweep(ScheduledSampling):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rows, scalars = [], {}
         for settings in self.grid:
-            tokens, _, _ = generate(pl_module, settings)  # (N, D)
+            tokens, _, _ = self.draw(trainer, pl_module, settings)  # (N, D), on every rank
+            if not trainer.is_global_zero:
+                continue
             metrics = self.score(tokens)
             scalars.update({self.tag(name, settings): value for name, value in metrics.items()})
             line = f"steps={settings.steps}" + (f", top_p={settings.top_p}" if self.show_top_p else "")
             rows.append({"temperature": settings.temperature, "line": line, **metrics})
+        if not trainer.is_global_zero:
+            return
         log_scalars(trainer, scalars)
         names = list(dict.fromkeys(name for row in rows for name in row if name not in ("temperature", "line")))
         figure = metric_lines(rows, "temperature", "line", names, "temperature",

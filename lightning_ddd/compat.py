@@ -54,6 +54,13 @@ def foreach_lerp_(targets: list[torch.Tensor], sources: list[torch.Tensor], weig
     torch._foreach_lerp_(targets, sources, weight)
 
 
+def compute_dtype(precision_plugin) -> torch.dtype:
+    """The dtype a precision plugin computes matmuls in (what the peak FLOP/s of a device depends on)."""
+    from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+
+    return _plugin_to_compute_dtype(precision_plugin)
+
+
 def exclude_time(monitor, stage, seconds: float) -> None:
     """Leave ``seconds`` out of Lightning's ``ThroughputMonitor`` timing of ``stage`` (as it does for validation)."""
     if stage in monitor._t0s:
