@@ -27,13 +27,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from lightning_ddd.compat import foreach_lerp_, load_full_state_dict
-from lightning_ddd.distributed import local_tensor
+from lightning_ddd.distributed import local_tensor, reshard
 
 
 def averaged_tensors(module: torch.nn.Module, use_buffers: bool = True) -> list[Tensor]:
     """What the average follows, as this rank holds it: every parameter and, with ``use_buffers``, every
     floating-point buffer; DTensors (FSDP2) as their local shards, FSDP1 parameters as the views of the
     rank's shard that ``use_orig_params`` gives. In module order, detached."""
+    reshard(module)  # FSDP2 registers the sharded parameters only when resharded
     tensors = list(module.parameters())
     if use_buffers:
         tensors += [b for b in module.buffers() if b.is_floating_point()]

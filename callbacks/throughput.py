@@ -77,7 +77,7 @@ class Throughput(ThroughputMonitor):
     ``train/device/mfu``; with several processes also the totals ``train/samples_per_sec``,
     ``train/items_per_sec``, ``train/flops_per_sec``; and ``train/device/peak_memory_mib`` (CUDA
     ``max_memory_allocated``, or peak RSS on the CPU). Validation and this package's sampling callbacks are
-    left out of the time.
+    left out of the time; validation batches get their own ``validate/...`` rates (without FLOPs).
 
     Args:
         window_size: batches the rates are averaged over.
@@ -126,6 +126,16 @@ class Throughput(ThroughputMonitor):
         if step % trainer.log_every_n_steps == 0 and step != self._memory_step:
             self._memory_step = step
             log_scalars(trainer, {"train/device/peak_memory_mib": peak_memory_mib(pl_module.device)})
+
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        # The count is of a training step: validation batches get samples/s and tokens/s, not FLOP/s.
+        counted = self._counted and not _has_own_flops(pl_module)
+        if counted:
+            pl_module.flops_per_batch = None
+        super().on_validation_batch_end(trainer, pl_module, *args, **kwargs)
+        if counted:
+            pl_module.flops_per_batch = sum(self._counted) // len(self._counted)
 
 
 def _has_own_flops(pl_module: pl.LightningModule) -> bool:

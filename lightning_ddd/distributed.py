@@ -120,6 +120,33 @@ class _RankZeroFirst:
         return self.ranks.world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Put every FSDP2 unit of ``module`` back into its sharded form: a root unit keeps its gathered weights
+    after a forward pass without backward (validation, sampling), and the sharded tensors are the ones
+    registered as parameters only when resharded. A no-op without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
+def fully_shard_units(module: torch.nn.Module, mesh, unit_types: tuple[type, ...]) -> list[str]:
+    """FSDP2: shard every submodule of one of ``unit_types`` over ``mesh``, innermost first (e.g. transformer
+    blocks, then the backbone that holds them, whose remaining weights form one unit). A network called on
+    its own (sampling calls the backbone directly) gathers its weights in its own forward hook. Modules
+    sharded already are left alone, so this may run more than once. Returns the names sharded now."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    named = [(name, sub) for name, sub in module.named_modules() if isinstance(sub, unit_types)]
+    sharded = []
+    for name, sub in sorted(named, key=lambda item: -item[0].count(".")):  # deepest first
+        if not isinstance(sub, FSDPModule):
+            fully_shard(sub, mesh=mesh)
+            sharded.append(name)
+    return sharded
+
+
 def sharded_gradients(strategy) -> bool:
     """Whether ``strategy`` shards gradients (FSDP), so that norm clipping needs :func:`clip_grad_norm_`."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from lightning_ddd.diffusion.processes import DiscreteProcess, MaskedProcess
 from lightning_ddd.diffusion.sampling import SampleOutput, sample
-from lightning_ddd.distributed import clip_grad_norm_, gradient_replicas, sharded_gradients
+from lightning_ddd.distributed import clip_grad_norm_, fully_shard_units, gradient_replicas, sharded_gradients
 from lightning_ddd.nn import DenoisingTransformer
+from lightning_ddd.nn.transformer import Block
 
 #: builds a process from the vocabulary size: ``process(vocab_size)``
 ProcessFactory = Callable[[int], DiscreteProcess]
@@ -228,6 +229,12 @@ class DiffusionModule(pl.LightningModule):
     def trainable_parameters(self):
         """Parameters given to the optimiser (students override this to leave the teacher out)."""
         return self.parameters()
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): shard every transformer block and backbone over the
+        data-parallel mesh (a student's frozen teacher, outside the module tree, stays whole)."""
+        if self.device_mesh is not None:
+            fully_shard_units(self, self.device_mesh["data_parallel"], (Block, DenoisingTransformer))
 
     def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, except norm clipping of FSDP-sharded gradients (which Lightning's FSDP plugin
