@@ -40,6 +40,8 @@ import torch
 
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The students load the teacher this script writes, whose hyperparameters hold classes (not weights only).
+os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 from lightning_ddd.callbacks import EMA, Compile, Throughput  # noqa: E402
 from lightning_ddd.callbacks.throughput import peak_flops  # noqa: E402
@@ -172,7 +174,8 @@ def lightning_run(model, data: list[torch.Tensor], args, size: dict, warmup: int
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=strategy,
                          precision=args.precision, max_steps=len(data), log_every_n_steps=size["log_every_n_steps"],
                          gradient_clip_val=None if manual else 1.0, enable_checkpointing=False, limit_val_batches=0,
-                         enable_model_summary=False, enable_progress_bar=False, callbacks=callbacks,
+                         enable_model_summary=False, enable_progress_bar=False, enable_autolog_hparams=False,
+                         callbacks=callbacks,
                          logger=pl.loggers.TensorBoardLogger(logdir, name="bench"))
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     trainer.fit(model, train_dataloaders=loader)
