@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from lightning_ddd.compat import foreach_lerp_, load_full_state_dict
 from lightning_ddd.distributed import local_tensor, reshard
@@ -34,11 +35,15 @@ def averaged_tensors(module: torch.nn.Module, use_buffers: bool = True) -> list[
     """What the average follows, as this rank holds it: every parameter and, with ``use_buffers``, every
     floating-point buffer; DTensors (FSDP2) as their local shards, FSDP1 parameters as the views of the
     rank's shard that ``use_orig_params`` gives. In module order, detached."""
+    return [local_tensor(t.detach()) for t in _sources(module, use_buffers)]
+
+
+def _sources(module: torch.nn.Module, use_buffers: bool) -> list[Tensor]:
     reshard(module)  # FSDP2 registers the sharded parameters only when resharded
     tensors = list(module.parameters())
     if use_buffers:
         tensors += [b for b in module.buffers() if b.is_floating_point()]
-    return [local_tensor(t.detach()) for t in tensors]
+    return tensors
 
 
 class ShardedAverage:
@@ -57,10 +62,17 @@ class ShardedAverage:
         self.decay, self.use_buffers, self.device = decay, use_buffers, device
         self.tensors = [t.to(device or t.device, copy=True) for t in averaged_tensors(module, use_buffers)]
         self.n_averaged = 0  # updates so far; the first one copies (as torch's AveragedModel does)
+        # The parameter objects stay the same through fit, except under FSDP2, which swaps sharded and
+        # gathered ones: elsewhere they are looked up once (walking the module tree costs more than the lerp).
+        self._fixed = None if any(isinstance(m, FSDPModule) for m in module.modules()) else \
+            (module, _sources(module, use_buffers))
 
     def current(self, module: torch.nn.Module) -> list[Tensor]:
         """The module's tensors, checked against the average's shapes (a mismatch means a re-wrapped module)."""
-        tensors = averaged_tensors(module, self.use_buffers)
+        if self._fixed is not None and self._fixed[0] is module:
+            tensors = [local_tensor(t.detach()) for t in self._fixed[1]]
+        else:
+            tensors = averaged_tensors(module, self.use_buffers)
         if len(tensors) != len(self.tensors) or any(a.shape != t.shape for a, t in zip(self.tensors, tensors)):
             raise RuntimeError("EMA: the module's parameters changed shape or number since the average was created.")
         return tensors
@@ -68,7 +80,7 @@ class ShardedAverage:
     def to_module_devices(self, module: torch.nn.Module) -> None:
         """Follow the module to its devices (after the strategy moved it), unless a device was given."""
         if self.device is None:
-            self.tensors = [a.to(t.device) for a, t in zip(self.tensors, averaged_tensors(module, self.use_buffers))]
+            self.tensors = [a.to(t.device) for a, t in zip(self.tensors, self.current(module))]
 
     @torch.no_grad()
     def update_parameters(self, module: torch.nn.Module) -> None:
