@@ -158,6 +158,7 @@ class EMA(EMAWeightAveraging):
         # Not Lightning's: no AveragedModel here (the strategy has not wrapped the module yet).
         if stage == TrainerFn.FITTING:
             check_strategy(trainer.strategy)
+            self._average_model = None  # each fit builds its own (on_fit_start, or on_load_checkpoint before it)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After strategy.setup. Under DDP and on one device a resumed average exists already (restored before
