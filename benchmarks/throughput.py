@@ -231,7 +231,9 @@ def training_table(args, size, teacher_path, device, peak, warmup, steps, logdir
                      "strategy": args.strategy, "devices": world, "batch_per_device": size["batch"][name],
                      "steps_per_s": 1 / wall, "tokens_per_s": tokens / wall, "cpu_s_per_step": cpu,
                      "wall_s_per_step": wall, "flops_per_step_per_device": r["flops"],
-                     "flops_per_s_per_device": flops_per_s, "mfu": flops_per_s / peak if peak and flops_per_s else None})
+                     "flops_per_s_per_device": flops_per_s,
+                     "flops_per_cpu_s": r["flops"] / cpu if r["flops"] and device.type == "cpu" else None,
+                     "mfu": flops_per_s / peak if peak and flops_per_s else None})
     return rows
 
 

@@ -83,6 +83,9 @@ class DDDTrainer(Trainer):
     ) -> dict:
         """Draw samples and write token ids, decoded text or an image grid, and a JSON sidecar of the settings.
 
+        Under a multi-process trainer every process draws its share (rank 0 the first, exactly as one process
+        would) and rank 0 writes; ``seconds_per_sample`` is the wall time of the whole set over N.
+
         Args:
             model: the model (filled in by the CLI).
             datamodule: the data, used to decode samples and score them (filled in by the CLI).
