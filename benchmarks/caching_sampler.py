@@ -3,12 +3,13 @@
 A small time-independent masked denoiser (``lightning_ddd.nn.DenoisingTransformer``, random weights: the number of
 network evaluations does not depend on what the network predicts) samples ``--batch`` sequences of length
 D = ``--seq-len`` with n = D and n = 4D steps (``--steps-per-dim``). For each n the script reports the
-wall-clock time per sample of both samplers (median over ``--repeats`` runs after a warm-up), the measured
-NFE ratio and RADD's expected ratio n / E-NFE with E-NFE = n (1 - (1 - 1/n)^D), and checks that both
-samplers return identical tokens for the same seeds.
+wall-clock and process CPU time per sample of both samplers (medians over ``--repeats`` rounds after a
+warm-up; within a round the two samplers run back to back, in alternating order, so load from other jobs
+falls on both alike), the measured NFE ratio and RADD's expected ratio n / E-NFE with
+E-NFE = n (1 - (1 - 1/n)^D), and checks that both samplers return identical tokens for the same seeds.
 
 Example:
-    python benchmarks/caching_sampler.py --seq-len 64 --batch 32 --repeats 3
+    python benchmarks/caching_sampler.py --seq-len 64 --batch 32 --repeats 5
 """
 
 from __future__ import annotations
@@ -65,17 +66,17 @@ def build_denoiser(args: argparse.Namespace, process: MaskedProcess):
 
 
 def run(denoiser, process, args, num_steps: int, cache: bool, seed: int):
-    """One timed sampler call: (seconds, SampleOutput)."""
+    """One timed sampler call: (wall seconds, process CPU seconds, SampleOutput)."""
     generator = torch.Generator(device=args.device).manual_seed(seed)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = sample(
         denoiser, process, args.batch, args.seq_len, num_steps, cache=cache, generator=generator, device=args.device
     )
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, time.process_time() - cpu, out
 
 
 def main() -> None:
@@ -90,32 +91,37 @@ def main() -> None:
             run(denoiser, process, args, D, cache, seed=args.seed)
         for steps_per_dim in args.steps_per_dim:
             n = steps_per_dim * D
-            timings = {False: [], True: []}
+            wall = {False: [], True: []}
+            cpu = {False: [], True: []}
             nfe = {False: [], True: []}
             for r in range(args.repeats):
                 seed = args.seed + 1000 * steps_per_dim + r  # the same seed for both samplers
                 outs = {}
-                for cache in (False, True):
-                    seconds, outs[cache] = run(denoiser, process, args, n, cache, seed)
-                    timings[cache].append(seconds / args.batch)
+                for cache in ((False, True) if r % 2 == 0 else (True, False)):  # interleaved, order alternating
+                    seconds, cpu_seconds, outs[cache] = run(denoiser, process, args, n, cache, seed)
+                    wall[cache].append(seconds / args.batch)
+                    cpu[cache].append(cpu_seconds / args.batch)
                     nfe[cache].append(outs[cache].nfe.double().mean().item())
                 identical &= torch.equal(outs[False].tokens, outs[True].tokens)
-            uncached, cached = statistics.median(timings[False]), statistics.median(timings[True])
+            uncached, cached = statistics.median(wall[False]), statistics.median(wall[True])
+            uncached_cpu, cached_cpu = statistics.median(cpu[False]), statistics.median(cpu[True])
             nfe_ratio = statistics.mean(nfe[False]) / statistics.mean(nfe[True])
             expected_ratio = n / (n * (1 - (1 - 1 / n) ** D))
-            rows.append((n, D, uncached, cached, uncached / cached, nfe_ratio, expected_ratio))
+            rows.append((n, D, uncached, cached, uncached / cached, uncached_cpu, cached_cpu, uncached_cpu / cached_cpu,
+                         nfe_ratio, expected_ratio))
 
     print(
         f"batch={args.batch}, V={args.vocab_size}, DenoisingTransformer(d_model={args.d_model}, "
         f"n_layers={args.n_layers}, n_heads={args.n_heads}), device={args.device}, "
-        f"torch threads={torch.get_num_threads()}, median of {args.repeats} runs after a warm-up"
+        f"torch threads={torch.get_num_threads()}, medians of {args.repeats} interleaved rounds after a warm-up"
     )
     print()
-    print("| n | D | uncached s/sample | cached s/sample | speedup | measured NFE ratio (uncached/cached) "
-          "| expected E-NFE ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for n, d, unc, cac, speedup, ratio, expected in rows:
-        print(f"| {n} | {d} | {unc:.4f} | {cac:.4f} | {speedup:.2f}x | {ratio:.3f} | {expected:.3f} |")
+    print("| n | D | uncached wall s/sample | cached wall s/sample | wall speedup | uncached CPU s/sample "
+          "| cached CPU s/sample | CPU speedup | measured NFE ratio (uncached/cached) | expected E-NFE ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, d, unc, cac, speedup, unc_cpu, cac_cpu, cpu_speedup, ratio, expected in rows:
+        print(f"| {n} | {d} | {unc:.4f} | {cac:.4f} | {speedup:.2f}x | {unc_cpu:.4f} | {cac_cpu:.4f} "
+              f"| {cpu_speedup:.2f}x | {ratio:.3f} | {expected:.3f} |")
     print()
     print(f"cached and uncached tokens identical for the same seeds: {'yes' if identical else 'NO'}")
 

@@ -17,28 +17,37 @@ Use them from YAML::
 
 Every sampling callback takes one ``sampling:`` block (:class:`lightning_ddd.evaluation.SamplingSettings`)
 and, where it scores samples, one ``metrics:`` block (:class:`lightning_ddd.evaluation.MetricOptions`), as
-the ``sample`` and ``evaluate`` subcommands do. They draw samples on rank 0 only, with the EMA weights
-when an ``EMAWeightAveraging`` callback is on (swapped in explicitly, so the order of the callback list does
-not matter), and score them with ``lightning_ddd.evaluation``, the code behind the ``evaluate`` subcommand.
+the ``sample`` and ``evaluate`` subcommands do. Every rank draws its share of the samples and rank 0
+scores them, with the EMA weights when an ``EMA`` (or Lightning's ``EMAWeightAveraging``) callback is on
+(swapped in explicitly, so the order of the callback list does not matter), with
+``lightning_ddd.evaluation``, the code behind the ``evaluate`` subcommand. ``EMA`` averages the weights
+under DDP and FSDP alike; ``Compile`` compiles the networks; ``Throughput`` and ``SamplingThroughput``
+measure speed and model FLOPs utilisation.
 ``_scheduled`` says when they run, ``_sampling`` on which weights and ranks, and why.
 """
 
 from ._sampling import averaged_weights
+from .compile import Compile
+from .ema import EMA, export_weights
 from .fid_logger import FIDLogger
 from .perplexity_logger import PerplexityLogger
 from .resumable_checkpoint import ResumableCheckpoint
 from .sample_logger import SampleLogger
 from .step_frontier import StepFrontier
 from .temperature_sweep import TemperatureSweep
-from .throughput import Throughput
+from .throughput import SamplingThroughput, Throughput
 
 __all__ = [
+    "EMA",
+    "Compile",
     "FIDLogger",
     "PerplexityLogger",
     "ResumableCheckpoint",
+    "SamplingThroughput",
     "SampleLogger",
     "StepFrontier",
     "TemperatureSweep",
     "Throughput",
     "averaged_weights",
+    "export_weights",
 ]

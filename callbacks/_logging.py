@@ -1,6 +1,6 @@
 """Where callbacks send what they log: scalars to every logger, images, figures and text to TensorBoard.
 
-Scalars go through ``logger.log_metrics`` (not ``LightningModule.log``) because the sampling callbacks run
+Scalars go through ``logger.log_metrics`` (not ``LightningModule.log``) because the sampling callbacks score
 on rank 0 only: ``self.log`` would need the other ranks for its reduction, and it is not allowed in
 ``on_train_end``. Loggers are already rank-zero-only, so calling these on every rank is safe.
 """

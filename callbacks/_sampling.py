@@ -9,12 +9,14 @@ in the module whatever the order, so an explicit swap always samples the average
 EMA callback copies the average into the module; before that copy the swap brings the average in, after it
 both copies hold the average, so either order samples the average.
 
-**Which rank.** Samples are drawn and scored on global rank 0 only, so the numbers do not depend on the
-number of devices and evaluator models live on one device. No collective is called inside the rank-0
-branch (sampling calls the backbone directly, not through the DDP wrapper, and metric syncing is turned
-off), so nothing can deadlock; the other ranks wait at their next collective until rank 0 is done.
-Sharded strategies (FSDP, DeepSpeed, model parallel) need every rank in each forward pass, so they are
-refused at set-up.
+**Which ranks.** Every rank draws its share of each set of samples (``lightning_ddd.distributed.Ranks``:
+its own noise stream, every rank gets all N), and rank 0 alone scores them and logs, so evaluator models
+live on one device and the metrics do not sync. One process draws exactly what it always drew. Every rank
+runs the same hooks at the same steps, so the gathers meet. Sharded strategies need every rank in each
+forward pass: under ``FSDPStrategy`` the full weights are gathered for the block
+(``summon_full_params``; each rank then samples on its own), under ``ModelParallelStrategy`` (FSDP2) every
+rank runs the same forward passes in step (equal shares; the RADD caching sampler, which skips the
+network where a rank's rows unmask nothing, is refused there). DeepSpeed is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from lightning_ddd.compat import swap_weights, weight_averages
+from lightning_ddd.evaluation import SamplingSettings
 
 
 class SamplingClock:
@@ -55,23 +58,43 @@ def averaged_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iter
 
 
 @contextmanager
+def full_weights(trainer: pl.Trainer) -> Iterator[None]:
+    """Under ``FSDPStrategy``: the full weights on every rank for the block (read-only), so that each rank
+    can call the networks on its own. Elsewhere nothing: DDP holds them already, FSDP2 gathers per call."""
+    model = trainer.strategy.model
+    if isinstance(trainer.strategy, FSDPStrategy) and model is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, recurse=True, writeback=False):
+            yield
+    else:
+        yield
+
+
+@contextmanager
 def sampling_context(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-    """Averaged weights, a forked RNG (so adding a callback does not change training) and the clock."""
+    """Averaged weights, the full weights under FSDP, a forked RNG (so adding a callback does not change
+    training) and the clock. Every rank enters it."""
     device = pl_module.device
     devices = [device] if device.type == "cuda" else []
     start = time.perf_counter()
     try:
-        with averaged_weights(trainer, pl_module), torch.random.fork_rng(devices=devices, device_type=device.type):
+        with averaged_weights(trainer, pl_module), full_weights(trainer), \
+                torch.random.fork_rng(devices=devices, device_type=device.type):
             yield
     finally:
         SamplingClock.seconds += time.perf_counter() - start
 
 
-def check_strategy(trainer: pl.Trainer, owner: object) -> None:
-    """Refuse sharded strategies: a rank-0-only forward pass would wait forever for the other shards."""
-    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+def check_strategy(trainer: pl.Trainer, owner: object, settings: list[SamplingSettings] = ()) -> None:
+    """Refuse what cannot sample during training: DeepSpeed, and the caching sampler under FSDP2, where
+    every rank must run the same forward passes."""
+    name = type(owner).__name__
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        raise ValueError(f"{name} cannot sample under DeepSpeed; use DDP or FSDP, or sample afterwards with `evaluate`.")
+    if isinstance(trainer.strategy, ModelParallelStrategy) and any(s.cache for s in settings):
         raise ValueError(
-            f"{type(owner).__name__} samples on rank 0 only, which needs the whole model on one device; "
-            f"{type(trainer.strategy).__name__} shards it. Use DDP, or sample after training with `evaluate`."
+            f"{name}: the caching sampler (sampling.cache: true) skips forward passes per rank, which "
+            "ModelParallelStrategy (FSDP2) cannot do; set cache: false."
         )
 

@@ -3,7 +3,8 @@
 **When.** :class:`ScheduledSampling` runs every ``every_n_steps`` optimiser steps (``on_train_batch_end``)
 and once when training ends (``on_train_end``: Lightning calls it before the strategy's teardown moves the
 model to the CPU, so ``on_fit_end`` would sample on the CPU). Both hooks see the training weights, so the
-EMA weights are swapped in explicitly (``lightning_ddd.callbacks._sampling``); everything runs on rank 0.
+EMA weights are swapped in explicitly (``lightning_ddd.callbacks._sampling``). Every rank draws its share
+of the samples (:meth:`ScheduledSampling.draw`); rank 0 scores and logs.
 
 **Scoring.** Samples are scored by :class:`lightning_ddd.evaluation.SampleScorer`, the implementation the
 ``evaluate`` subcommand uses, configured by :class:`lightning_ddd.evaluation.MetricOptions`. The options are
@@ -22,6 +23,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lightning_ddd.distributed import Ranks
 from lightning_ddd.evaluation import MetricOptions, SampleScorer, SamplingSettings, data_row, generate
 
 from ._logging import log_markdown, log_scalars, warn_without_tensorboard, without_duplicates
@@ -30,7 +32,7 @@ from ._sampling import check_strategy, sampling_context
 
 
 class ScheduledSampling(Callback):
-    """Base class: calls :meth:`evaluate` on rank 0, on averaged weights, every ``every_n_steps`` optimiser
+    """Base class: calls :meth:`evaluate` on every rank, on averaged weights, every ``every_n_steps`` optimiser
     steps and at the end of training.
 
     Args:
@@ -53,8 +55,12 @@ class ScheduledSampling(Callback):
         self._last_step = -1  # global step of the last run
         self._next_step = every_n_steps or 0  # first global step of the next scheduled run
 
+    def sampling_settings(self) -> list[SamplingSettings]:
+        """Every setting this callback samples with (checked against the strategy at set-up)."""
+        return list(getattr(self, "grid", [])) + ([self.sampling] if hasattr(self, "sampling") else [])
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer, self)
+        check_strategy(trainer, self, self.sampling_settings())
         warn_without_tensorboard(trainer, self)
         if self.plots:
             require_plots(self)
@@ -64,9 +70,8 @@ class ScheduledSampling(Callback):
         if self.every_n_steps:  # a resumed run goes on with the next multiple, not from the start
             self._next_step = (trainer.global_step // self.every_n_steps + 1) * self.every_n_steps
         if self.scorer is None and trainer.is_global_zero:
-            # only rank 0 scores, so its metrics must not wait for the other ranks in compute()
-            self.scorer = SampleScorer(self.metrics, trainer.datamodule, pl_module.vocab_size, pl_module.device,
-                                       sync_on_compute=False)
+            # only rank 0 scores: a one-process scorer, whose metrics never wait for other ranks
+            self.scorer = SampleScorer(self.metrics, trainer.datamodule, pl_module.vocab_size, pl_module.device)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -83,17 +88,20 @@ class ScheduledSampling(Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step  # on every rank, so all ranks agree on the schedule
-        if not trainer.is_global_zero:
-            return
         with sampling_context(trainer, pl_module):
             self.evaluate(trainer, pl_module)
 
+    def draw(self, trainer: pl.Trainer, model, settings: SamplingSettings) -> tuple[Tensor, Tensor, float]:
+        """``evaluation.generate`` shared by the ranks: every rank draws its share and gets all N."""
+        return generate(model, settings, ranks=Ranks.of(trainer))
+
     def score(self, tokens: Tensor) -> dict[str, float]:
-        """Every metric of (N, D) samples: entropy, the oracle NLL where the data has one, and ``metrics``."""
-        return self.scorer(tokens)
+        """Every metric of (N, D) samples: entropy, the oracle NLL where the data has one, and ``metrics``
+        (rank 0; empty elsewhere), less the ones that repeat another under a second name."""
+        return without_duplicates(self.scorer(tokens), self.scorer.record) if self.scorer is not None else {}
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Draw samples and log; runs on rank 0 with the averaged weights in place."""
+        """Draw samples (every rank, with :meth:`draw`) and log (rank 0); the averaged weights are in place."""
         raise NotImplementedError
 
 
@@ -114,8 +122,10 @@ class SampleMetricsLogger(ScheduledSampling):
         self._protocol_logged = False
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        tokens, _, _ = generate(pl_module, self.sampling)  # (N, D)
-        scores = without_duplicates(self.score(tokens), self.scorer.record)
+        tokens, _, _ = self.draw(trainer, pl_module, self.sampling)  # (N, D), every rank draws its share
+        if not trainer.is_global_zero:
+            return
+        scores = self.score(tokens)
         log_scalars(trainer, {f"sample/{name}": value for name, value in scores.items()})
         if not self._protocol_logged:
             floor = data_row(self.scorer, self.sampling.num_samples, self.sampling.seed)  # real data, same N

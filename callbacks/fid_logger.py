@@ -16,8 +16,8 @@ class FIDLogger(SampleMetricsLogger):
     ``sample/kid_mean``/``kid_std`` when ``metrics`` asks. Text: ``sample/protocol/fid``, the sampling
     settings, the extractor and the reference size, once. Image data only (checked at set-up). Scored by
     ``lightning_ddd.evaluation.SampleScorer``, as in the ``evaluate`` subcommand; the reference statistics
-    are computed before the first training step and cached on disk. Runs on rank 0 with the EMA weights
-    when EMA is on (see ``lightning_ddd.callbacks._sampling``); the callback owns the feature extractor, so
+    are computed before the first training step and cached on disk. Every rank draws its share, rank 0
+    scores; with the EMA weights when EMA is on (see ``lightning_ddd.callbacks._sampling``); the callback owns the feature extractor, so
     it never lands in a model checkpoint. The paper protocol is 50k samples against the whole training set
     with ``inception-v3-compat``; fewer samples give a higher (biased) FID that still tracks training.
 

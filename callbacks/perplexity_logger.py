@@ -14,8 +14,8 @@ class PerplexityLogger(SampleMetricsLogger):
     unigram entropy of the same samples: low entropy can buy a low perplexity), ``sample/oracle_nll`` on data
     with a known density, and ``sample/grad_moment`` when ``metrics.gradient_moment`` is on. Text:
     ``sample/protocol/gen_ppl``, the sampling settings and the evaluator, once. Scored by
-    ``lightning_ddd.evaluation.SampleScorer``, as in the ``evaluate`` subcommand. Runs on rank 0 with the
-    EMA weights when EMA is on (see ``lightning_ddd.callbacks._sampling``); the callback owns the evaluator,
+    ``lightning_ddd.evaluation.SampleScorer``, as in the ``evaluate`` subcommand. Every rank draws its share,
+    rank 0 scores; with the EMA weights when EMA is on (see ``lightning_ddd.callbacks._sampling``); the callback owns the evaluator,
     so it is loaded once, before the first training step, and never lands in a model checkpoint.
 
     Args:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from torch import Tensor
 
+from lightning_ddd.distributed import Ranks
 from lightning_ddd.evaluation import SamplingSettings, generate
 from lightning_ddd.extras import require
 
@@ -19,7 +20,8 @@ class SampleLogger(pl.Callback):
     samples, ``sample/text`` (``add_text``). Other data: the token ids as strings, ``sample/tokens``. The seed
     is fixed, so successive validations show how the same noise turns into better samples.
 
-    Runs in ``on_validation_end`` (every validation, not the sanity check), on rank 0, with the EMA weights
+    Runs in ``on_validation_end`` (every validation, not the sanity check; every rank draws its share,
+    rank 0 logs), with the EMA weights
     swapped in explicitly when EMA is on: by that hook the EMA callback has swapped its weights out again.
 
     Args:
@@ -32,16 +34,18 @@ class SampleLogger(pl.Callback):
         self.max_chars = max_chars
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer, self)
+        check_strategy(trainer, self, [self.sampling])
         warn_without_tensorboard(trainer, self)
         if getattr(trainer.datamodule, "modality", None) == "image":
             require("torchvision", feature="SampleLogger's image grids")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
-        with sampling_context(trainer, pl_module):
-            tokens, _, _ = generate(pl_module, self.sampling)  # (N, D)
+        with sampling_context(trainer, pl_module):  # every rank draws its share
+            tokens, _, _ = generate(pl_module, self.sampling, ranks=Ranks.of(trainer))  # (N, D)
+        if not trainer.is_global_zero:
+            return
         datamodule = trainer.datamodule
         decoded = datamodule.decode(tokens) if datamodule is not None else None
         if isinstance(decoded, Tensor):  # (N, C, H, W) in [0, 1]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from lightning_ddd.evaluation import MetricOptions, SamplingSettings, generate, markdown_table, sweep
+from lightning_ddd.evaluation import MetricOptions, SamplingSettings, markdown_table, sweep
 
-from ._logging import log_figure, log_markdown, log_scalars, without_duplicates
+from ._logging import log_figure, log_markdown, log_scalars
 from ._plots import data_references, metric_lines
 from ._scheduled import ScheduledSampling
 
@@ -27,7 +27,8 @@ class StepFrontier(ScheduledSampling):
     few-step end a student is distilled for): ``frontier/<metric>/steps=<n>`` for ``entropy``, ``oracle_nll``
     (data with a known density), what ``metrics`` turns on, ``mean_nfe`` and ``seconds_per_sample``. The
     teacher's numbers never change during training, so they are in the table and the plot, not in curves.
-    Runs on rank 0 with the EMA weights when EMA is on (see ``lightning_ddd.callbacks._sampling``).
+    Every rank samples its share, rank 0 scores; with the EMA weights when EMA is on (see
+    ``lightning_ddd.callbacks._sampling``).
 
     Args:
         steps: sampling step counts (each replaces ``sampling.steps``).
@@ -63,9 +64,9 @@ class StepFrontier(ScheduledSampling):
     def _frontier(self, model, trainer: pl.Trainer, label: str) -> list[dict]:
         rows = []
         for settings in self.grid:
-            tokens, nfe, seconds = generate(model, settings)  # (N, D), (N,)
+            tokens, nfe, seconds = self.draw(trainer, model, settings)  # (N, D), (N,), on every rank
             rows.append({"model": label, "steps": settings.steps,
-                         **without_duplicates(self.score(tokens), self.scorer.record),
+                         **self.score(tokens),
                          "mean_nfe": nfe.float().mean().item(), "seconds_per_sample": seconds / settings.num_samples})
         return rows
 
@@ -76,6 +77,8 @@ class StepFrontier(ScheduledSampling):
             if self._teacher_rows is None:
                 self._teacher_rows = self._frontier(teacher, trainer, "teacher")
             rows += self._teacher_rows
+        if not trainer.is_global_zero:
+            return
         (reference,) = [row for row in rows if row["model"] == "model" and row["steps"] == self.reference_steps]
         log_scalars(trainer, {f"frontier/{name}/steps={reference['steps']}": value for name, value in reference.items()
                               if name not in ("model", "steps")})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from lightning_ddd.evaluation import MetricOptions, SamplingSettings, generate, markdown_table, sweep
+from lightning_ddd.evaluation import MetricOptions, SamplingSettings, markdown_table, sweep
 
-from ._logging import log_figure, log_markdown, log_scalars, without_duplicates
+from ._logging import log_figure, log_markdown, log_scalars
 from ._plots import data_references, metric_lines
 from ._scheduled import ScheduledSampling
 
@@ -22,8 +22,8 @@ class TemperatureSweep(ScheduledSampling):
     other than 1 is swept), for ``entropy``, ``oracle_nll`` (data with a known density) and what
     ``metrics`` turns on (e.g. ``gen_ppl``, ``fid``). A tag per setting would put a single point per
     evaluation for every setting in the scalars tab; the table and the plot hold them.
-    Every setting uses the same ``sampling.seed``, so settings differ only by the setting. Runs on rank 0
-    with the EMA weights when EMA is on (see ``lightning_ddd.callbacks._sampling``).
+    Every setting uses the same ``sampling.seed``, so settings differ only by the setting. Every rank draws
+    its share, rank 0 scores; with the EMA weights when EMA is on (see ``lightning_ddd.callbacks._sampling``).
 
     Args:
         temperatures: softmax temperatures of the x-prediction to sweep.
@@ -62,13 +62,17 @@ class TemperatureSweep(ScheduledSampling):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rows = []
         for settings in self.grid:
-            tokens, _, _ = generate(pl_module, settings)  # (N, D)
-            metrics = without_duplicates(self.score(tokens), self.scorer.record)
+            tokens, _, _ = self.draw(trainer, pl_module, settings)  # (N, D), on every rank
+            if not trainer.is_global_zero:
+                continue
+            metrics = self.score(tokens)
             if settings == self.reference:
                 log_scalars(trainer, {self.tag(name, settings): value for name, value in metrics.items()})
             line = f"steps={settings.steps}" + (f", top_p={settings.top_p}" if self.show_top_p else "")
             rows.append({"steps": settings.steps, "temperature": settings.temperature, "top_p": settings.top_p,
                          "line": line, **metrics})
+        if not trainer.is_global_zero:
+            return
         table = markdown_table([{k: v for k, v in row.items() if k != "line"} for row in rows])
         log_markdown(trainer, "sweep/table", f"step {trainer.global_step}\n\n{table}")
         names = list(dict.fromkeys(name for row in rows for name in row

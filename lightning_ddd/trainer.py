@@ -4,6 +4,13 @@ LightningCLI builds a subcommand for each Trainer method it is told about; the w
 :mod:`lightning_ddd.evaluation`, shared with the callbacks. Both take one ``sampling`` block
 (:class:`~lightning_ddd.evaluation.SamplingSettings`); ``evaluate`` also a ``metrics`` block
 (:class:`~lightning_ddd.evaluation.MetricOptions`) and lists to sweep.
+
+Both run data-parallel under a multi-process trainer (``--trainer.devices 2 --trainer.strategy ddp``):
+they start the other processes with the strategy's launcher, as ``fit`` does, and join them with the
+strategy's ``setup_environment``. Each process holds the whole model, draws its share of every set of
+samples from its own noise stream and scores its share of the summed-state metrics; the shares are
+gathered and reduced on every rank, and rank 0 writes the files. The rows equal a one-process run's up to
+Monte-Carlo noise (one process draws exactly what it drew before) and record the number of processes.
 """
 
 from __future__ import annotations
@@ -12,8 +19,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from tqdm.auto import tqdm
 
+from lightning_ddd.callbacks.compile import Compile
 from lightning_ddd.checkpoints import check_state_dict, validate_checkpoint
 from lightning_ddd.data.base import TokenDataModule
+from lightning_ddd.distributed import Ranks
 from lightning_ddd.evaluation import (
     SAMPLE_FILES,
     MetricOptions,
@@ -50,8 +59,23 @@ def load_weights(model: DiffusionModule, ckpt_path: str | None) -> None:
 class DDDTrainer(Trainer):
     """Lightning's Trainer plus the ``sample`` and ``evaluate`` subcommands."""
 
+    def _launch(self, job, *args):
+        """Run ``job(*args)`` in every process of the strategy: its launcher starts the other processes (as
+        ``fit`` does; none when the processes were started outside, by torchrun or SLURM), then each joins."""
+        launcher = self.strategy.launcher
+        return job(*args) if launcher is None else launcher.launch(job, *args, trainer=self)
+
+    def _join(self, model: DiffusionModule) -> Ranks:
+        """Connect ``model`` and this process to the strategy (process group, device); return its ranks."""
+        self.strategy.connect(model)
+        self.strategy.setup_environment()
+        return Ranks.of(self)
+
     def _prepare(self, model: DiffusionModule, ckpt_path: str | None) -> DiffusionModule:
         load_weights(model, ckpt_path)
+        for callback in self.callbacks:  # a Compile callback in the config compiles here as in fit
+            if isinstance(callback, Compile):
+                callback.apply(model)
         return model.to(self.strategy.root_device).eval()
 
     def sample(
@@ -65,6 +89,9 @@ class DDDTrainer(Trainer):
     ) -> dict:
         """Draw samples and write token ids, decoded text or an image grid, and a JSON sidecar of the settings.
 
+        Under a multi-process trainer every process draws its share (rank 0 the first, exactly as one process
+        would) and rank 0 writes; ``seconds_per_sample`` is the wall time of the whole set over N.
+
         Args:
             model: the model (filled in by the CLI).
             datamodule: the data, used to decode samples and score them (filled in by the CLI).
@@ -76,15 +103,20 @@ class DDDTrainer(Trainer):
         sampling.validate(model.seq_len)  # before loading anything
         check_writable_samples(datamodule)
         check_output_dir(output_dir, SAMPLE_FILES, overwrite)
+        return self._launch(self._sample, model, datamodule, ckpt_path, output_dir, sampling)
+
+    def _sample(self, model, datamodule, ckpt_path, output_dir, sampling: SamplingSettings) -> dict:
+        ranks = self._join(model)
         model = self._prepare(model, ckpt_path)
-        tokens, nfe, seconds = generate(model, sampling, progress=True)
+        tokens, nfe, seconds = generate(model, sampling, progress=ranks.rank == 0, ranks=ranks)
         record = {**settings_record(model, sampling, ckpt_path), "mean_nfe": nfe.float().mean().item(),
-                  "seconds_per_sample": seconds / sampling.num_samples,
+                  "seconds_per_sample": seconds / sampling.num_samples, "processes": ranks.world_size,
                   **sample_metrics(tokens, datamodule, model.vocab_size)}
-        paths = write_samples(tokens, datamodule, output_dir, record)
-        rank_zero_info(f"wrote {', '.join(paths)}")
-        if self.is_global_zero:
+        if ranks.rank == 0:
+            paths = write_samples(tokens, datamodule, output_dir, record)
+            rank_zero_info(f"wrote {', '.join(paths)}")
             print(markdown_table([record]))  # the result on the console (stdout)
+        self.strategy.barrier()
         return record
 
     def evaluate(
@@ -105,7 +137,8 @@ class DDDTrainer(Trainer):
         """Sweep step counts, temperatures and top-p values; write one row per setting to evaluation.json/.csv.
 
         Each row holds the checkpoint, model class, steps, sampler, temperature, top_p, precision, seed,
-        num_samples, mean NFE, seconds per sample, and every metric this data supports: the NLL bound of the
+        num_samples, mean NFE, seconds per sample (wall time of the whole set), the number of processes that
+        drew it, and every metric this data supports: the NLL bound of the
         validation set (``nll``, ``ppl``, ``bpd``), the mean unigram entropy of the samples, and for data with
         a known density the exact oracle NLL per token of the samples. ``metrics`` adds the generative
         perplexity under an evaluator (``gen_nll``, ``gen_ppl``), the gradient moment (``grad_moment``) and,
@@ -132,19 +165,27 @@ class DDDTrainer(Trainer):
             settings.validate(model.seq_len)  # every setting is checked before any work starts
         metrics.validate(datamodule)
         check_output_dir(output_dir, table_files(), overwrite)
+        return self._launch(self._evaluate, model, datamodule, ckpt_path, output_dir, grid, metrics, sampling,
+                            nll_num_draws, nll_max_batches)
+
+    def _evaluate(self, model, datamodule, ckpt_path, output_dir, grid, metrics, sampling, nll_num_draws,
+                  nll_max_batches) -> list[dict]:
+        ranks = self._join(model)
         model = self._prepare(model, ckpt_path)
-        scorer = SampleScorer(metrics, datamodule, model.vocab_size, self.strategy.root_device)  # loads models once
+        scorer = SampleScorer(metrics, datamodule, model.vocab_size, self.strategy.root_device, ranks)  # loads once
         draws = nll_num_draws if nll_num_draws is not None else getattr(model, "val_num_draws", 1)
-        bound = likelihood_bound(model, datamodule, draws, nll_max_batches, sampling.seed) if datamodule else {}
+        bound = (likelihood_bound(model, datamodule, draws, nll_max_batches, sampling.seed, ranks)
+                 if datamodule else {})
         bound = {**bound, "nll_num_draws": draws} if bound else bound
         rows = [data_row(scorer, sampling.num_samples, sampling.seed)] if datamodule is not None else []  # the floor
-        for settings in tqdm(grid, desc="evaluate"):
-            tokens, nfe, seconds = generate(model, settings)
+        for settings in tqdm(grid, desc="evaluate", disable=ranks.rank != 0):
+            tokens, nfe, seconds = generate(model, settings, ranks=ranks)
             rows.append({**settings_record(model, settings, ckpt_path), **scorer.record,
                          "mean_nfe": nfe.float().mean().item(), "seconds_per_sample": seconds / settings.num_samples,
-                         **bound, **scorer(tokens)})
-        paths = write_table(rows, output_dir)
-        rank_zero_info(f"wrote {paths[0]} and {paths[1]}")
-        if self.is_global_zero:
+                         "processes": ranks.world_size, **bound, **scorer(tokens)})
+        if ranks.rank == 0:
+            paths = write_table(rows, output_dir)
+            rank_zero_info(f"wrote {paths[0]} and {paths[1]}")
             print(markdown_table(rows))  # the result table on the console (stdout), the data floor first
+        self.strategy.barrier()
         return rows

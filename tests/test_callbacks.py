@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_ddd.callbacks import TemperatureSweep
@@ -66,7 +66,8 @@ def markov(tmp_path_factory):
         callback("PerplexityLogger", metrics={"evaluator": "oracle"}, every_n_steps=None,
                  sampling={"num_samples": 16, "steps": 4, "seed": 3}),
         callback("SampleLogger", sampling={"num_samples": 4, "steps": 4}),
-        callback("Throughput", every_n_steps=2, sampling={"num_samples": 4, "steps": 2}),
+        callback("Throughput", window_size=2),
+        callback("SamplingThroughput", every_n_steps=2, sampling={"num_samples": 4, "steps": 2}),
     )
     (ckpt,) = glob.glob(str(root / "**" / "last.ckpt"), recursive=True)
     return SimpleNamespace(cli=cli, root=root, events=Events(root), ckpt=ckpt)
@@ -90,7 +91,8 @@ def test_sequence_run_writes_every_tag(markov):
     expected = [f"sweep/{m}/steps=4/T=1.0/top_p=0.9" for m in ("entropy", "oracle_nll", "gen_ppl")]
     expected += [f"frontier/{m}/steps=2" for m in ("entropy", "oracle_nll", "mean_nfe", "seconds_per_sample")]
     expected += ["sample/entropy", "sample/oracle_nll", "sample/gen_ppl",
-                 "throughput/train_tokens_per_s", "throughput/sampling_samples_per_s", "throughput/peak_memory_mib"]
+                 "train/device/samples_per_sec", "train/device/items_per_sec", "train/device/flops_per_sec",
+                 "throughput/sampling_samples_per_s", "train/device/peak_memory_mib"]
     assert not [tag for tag in expected if tag not in ev.scalars], sorted(ev.scalars)
     # with the oracle evaluator gen_nll is oracle_nll: logged once
     assert not [tag for tag in ev.scalars if "gen_nll" in tag]
@@ -109,7 +111,11 @@ def test_sequence_run_writes_every_tag(markov):
     assert [step for step, _ in ev.scalars["sample/gen_ppl"]] == [4]
     assert ev.texts["sample/tokens"][-1][1].count("\n") == 4 + 1  # fence, 4 samples, fence
     assert "| evaluator | oracle |" in ev.texts["sample/protocol/gen_ppl"][-1][1]
-    assert all(value > 0 for _, value in ev.scalars["throughput/train_tokens_per_s"])
+    assert all(value > 0 for _, value in ev.scalars["train/device/items_per_sec"])
+    assert "train/device/mfu" not in ev.scalars  # no peak FLOP/s on the CPU
+    rates = {tag: dict(ev.scalars[f"train/device/{tag}"]) for tag in ("samples_per_sec", "items_per_sec")}
+    for step, samples in rates["samples_per_sec"].items():  # tokens are samples times the sequence length
+        assert rates["items_per_sec"][step] == pytest.approx(8 * samples, rel=1e-4)
 
 
 def test_logged_values_equal_direct_evaluation_on_ema_weights(markov):
@@ -208,19 +214,22 @@ def test_bad_settings_fail_when_the_config_is_read():
         TemperatureSweep(every_n_steps=0)
 
 
-def test_sharded_strategies_are_refused():
-    trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
-    with pytest.raises(ValueError, match="rank 0"):
-        check_strategy(trainer, TemperatureSweep())
+def test_strategies_that_cannot_sample_are_refused():
+    check_strategy(SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy)), TemperatureSweep())  # full weights
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        check_strategy(SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy)), TemperatureSweep())
+    fsdp2 = SimpleNamespace(strategy=ModelParallelStrategy.__new__(ModelParallelStrategy))
+    check_strategy(fsdp2, TemperatureSweep(), [SamplingSettings()])
+    with pytest.raises(ValueError, match="cache: false"):
+        check_strategy(fsdp2, TemperatureSweep(), [SamplingSettings(cache=True)])
 
 
 DDP_SCRIPT = '''
 import sys
 import torch
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning_ddd.callbacks import PerplexityLogger, SampleLogger, StepFrontier, TemperatureSweep, Throughput
+from lightning_ddd.callbacks import EMA, PerplexityLogger, SampleLogger, SamplingThroughput, StepFrontier, TemperatureSweep, Throughput
 from lightning_ddd.data import MarkovChain
 from lightning_ddd.diffusion.losses import AnyOrderLoss
 from lightning_ddd.evaluation import MetricOptions, SamplingSettings
@@ -232,14 +241,15 @@ model = DiffusionTeacher(
     5, 8, backbone=lambda n, v, d: DenoisingTransformer(n, v, d, d_model=16, n_layers=1, n_heads=2),
     loss=AnyOrderLoss(), optimizer=lambda params: torch.optim.AdamW(params, lr=0.01))
 callbacks = [
-    EMAWeightAveraging(decay=0.9),
+    EMA(decay=0.9),
     TemperatureSweep(every_n_steps=1, temperatures=[0.5, 1.0], steps=[2], sampling=SamplingSettings(num_samples=8),
                      metrics=MetricOptions(evaluator="oracle")),
     StepFrontier(steps=[1, 2], sampling=SamplingSettings(num_samples=8)),
     PerplexityLogger(metrics=MetricOptions(evaluator="oracle"), every_n_steps=2,
                      sampling=SamplingSettings(num_samples=8, steps=2)),
     SampleLogger(sampling=SamplingSettings(num_samples=4, steps=2)),
-    Throughput(every_n_steps=2, sampling=SamplingSettings(num_samples=4, steps=2)),
+    Throughput(window_size=2),
+    SamplingThroughput(every_n_steps=2, sampling=SamplingSettings(num_samples=4, steps=2)),
 ]
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, log_every_n_steps=1,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
@@ -250,9 +260,8 @@ print(f"rank {trainer.global_rank} finished at step {trainer.global_step}")
 
 
 @pytest.mark.slow
-def test_two_process_ddp_samples_on_rank_zero_without_deadlock(tmp_path):
-    """Two gloo processes on the CPU. Through the Python API: the CLI path with EMA fails under DDP before
-    any callback runs (the EMA callback cannot deep-copy the module's optimizer factory there)."""
+def test_two_process_ddp_samples_on_every_rank_and_logs_on_rank_zero_without_deadlock(tmp_path):
+    """Two gloo processes on the CPU, through the Python API."""
     import subprocess
     import sys
 
@@ -264,6 +273,6 @@ def test_two_process_ddp_samples_on_rank_zero_without_deadlock(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "rank 0 finished at step 8" in out.stdout and "rank 1 finished at step 8" in out.stdout
     ev = Events(tmp_path / "logs")
-    assert [step for step, *_ in ev.images["sweep/plot"]] == list(range(1, 9))  # once per step: rank 0 only
+    assert [step for step, *_ in ev.images["sweep/plot"]] == list(range(1, 9))  # once per step: rank 0 logs
     assert [step for step, _ in ev.scalars["sample/gen_ppl"]] == [2, 4, 6, 8]
     assert [step for step, _ in ev.texts["sample/tokens"]] == [4, 8]

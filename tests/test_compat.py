@@ -69,13 +69,15 @@ def test_metrics_built_without_sync_never_sync_in_compute(sync_on_compute):
     assert bool(calls) == sync_on_compute  # the True case shows the test would see a sync
 
 
-def test_the_callbacks_scorer_builds_its_metrics_without_sync():
+def test_a_scorer_syncs_its_metrics_only_when_several_ranks_score():
+    """The callbacks' scorer (rank 0 alone) must not sync; a data-parallel evaluation's must."""
     from lightning_ddd.data import MarkovChain
+    from lightning_ddd.distributed import Ranks
     from lightning_ddd.evaluation import MetricOptions, SampleScorer
 
-    data = MarkovChain(vocab_size=3, seq_len=4, num_train=8, num_val=8)
-    for sync in (True, False):
-        scorer = SampleScorer(MetricOptions(evaluator="oracle"), data, 3, sync_on_compute=sync)
+    data = MarkovChain(vocab_size=3, seq_len=4, num_train=8, num_val=8, batch_size=4)
+    for ranks, sync in ((Ranks(), False), (Ranks(0, 2), True)):
+        scorer = SampleScorer(MetricOptions(evaluator="oracle"), data, 3, ranks=ranks)
         assert scorer.metrics and all(metric.sync_on_compute is sync for metric in scorer.metrics)
 
 
@@ -108,3 +110,39 @@ def test_default_hp_metric_can_be_turned_off_after_construction(tmp_path, turned
     acc = EventAccumulator(str(events))
     acc.Reload()
     assert ("hp_metric" in acc.Tags()["scalars"]) is not turned_off
+
+
+def test_fused_lerp_is_the_ema_formula():
+    from lightning_ddd.compat import foreach_lerp_
+
+    targets, sources = [torch.ones(3), torch.zeros(2, 2)], [torch.full((3,), 5.0), torch.full((2, 2), -2.0)]
+    foreach_lerp_(targets, sources, 0.25)
+    assert torch.allclose(targets[0], torch.full((3,), 0.75 * 1 + 0.25 * 5)) and torch.allclose(targets[1], torch.full((2, 2), -0.5))
+
+
+def test_throughput_monitor_start_times_and_compute_dtype():
+    from lightning.pytorch.callbacks import ThroughputMonitor
+    from lightning.pytorch.plugins import MixedPrecision, Precision
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from lightning_ddd.compat import compute_dtype, exclude_time
+
+    monitor = ThroughputMonitor(batch_size_fn=len)
+    exclude_time(monitor, RunningStage.TRAINING, 2.5)  # not started: nothing to shift
+    monitor._t0s[RunningStage.TRAINING] = 10.0
+    exclude_time(monitor, RunningStage.TRAINING, 2.5)
+    assert monitor._t0s[RunningStage.TRAINING] == 12.5
+    assert compute_dtype(MixedPrecision("bf16-mixed", "cpu")) == torch.bfloat16
+    assert compute_dtype(Precision()) == torch.float32
+
+
+def test_compiled_modules_are_recognised_and_full_state_dicts_load():
+    from lightning_ddd.compat import is_compiled, load_full_state_dict
+
+    module = torch.nn.Linear(2, 2)
+    assert not is_compiled(module)
+    module.compile(backend="eager")  # lazy: nothing is traced until the first call
+    assert is_compiled(module)
+    plain, source = Tiny(), Tiny()
+    load_full_state_dict(SimpleNamespace(world_size=1, model=plain), plain, source.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(state(plain), state(source)))

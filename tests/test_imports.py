@@ -16,8 +16,9 @@ TINY = os.path.join(ROOT, "tests", "configs", "tiny_teacher.yaml")
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart", "teacher.yaml")
 
 #: the package's layers, bottom first: a layer imports only layers below it (callbacks/ is lightning_ddd.callbacks)
-LAYERS = ["extras", "errors", "compat", "diffusion", "nn", "metrics", "data", "checkpoints", "resume", "optim",
-          "released", "modules", "evaluation", "callbacks", "trainer", "run_files", "fit_report", "cli", "__main__"]
+LAYERS = ["extras", "errors", "compat", "distributed", "diffusion", "nn", "metrics", "data", "checkpoints", "resume",
+          "optim", "released", "modules", "evaluation", "callbacks", "trainer", "run_files", "fit_report", "cli",
+          "__main__"]
 
 
 def source_modules() -> dict[str, str]:

@@ -1,4 +1,10 @@
-"""Scores of samples and of the model's likelihood, shared by the subcommands, callbacks and notebooks."""
+"""Scores of samples and of the model's likelihood, shared by the subcommands, callbacks and notebooks.
+
+In a data-parallel evaluation (``Ranks`` with several processes) every rank holds all N samples; the
+metrics with summed states (generative perplexity, gradient moment, FID/IS/KID, the NLL bound) update on
+this rank's rows only and all-reduce in ``compute``, and the cheap metrics of the whole set (entropy, the
+oracle NLL, the data's sample statistics) are computed on every rank from all N.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_ddd.diffusion.likelihood import estimate_nll
+from lightning_ddd.distributed import Ranks
 from lightning_ddd.evaluation.evaluators import load_evaluator
 from lightning_ddd.evaluation.settings import MetricOptions
 from lightning_ddd.metrics import (
@@ -42,16 +49,21 @@ class SampleScorer:
         datamodule: the data (decoding, oracle density, reference images, validation sequences).
         vocab_size: the model's vocabulary (for the entropy).
         device: where evaluator and feature extractor run.
-        sync_on_compute: all-reduce the metric states across processes in ``compute`` (False when only one
-            rank scores, as in the callbacks: the other ranks would never join the all-reduce).
+        ranks: the processes that score together (every one calls the scorer with the same N samples, and
+            the metric states all-reduce in ``compute``); one process (the default, and the callbacks, where
+            rank 0 scores alone) never syncs. Rank 0 builds evaluators and reference statistics first, so
+            the others read its caches.
     """
 
     def __init__(self, options: MetricOptions, datamodule, vocab_size: int, device: str | torch.device = "cpu",
-                 sync_on_compute: bool = True) -> None:
+                 ranks: Ranks = Ranks()) -> None:
         options.validate(datamodule)
-        self.options, self.datamodule, self.vocab_size = options, datamodule, vocab_size
+        self.options, self.datamodule, self.vocab_size, self.ranks = options, datamodule, vocab_size, ranks
+        with ranks.first():
+            self._build(options, datamodule, device, {"sync_on_compute": ranks.world_size > 1})
+
+    def _build(self, options: MetricOptions, datamodule, device, sync: dict) -> None:
         decode = datamodule.decode if datamodule is not None else None
-        sync = {"sync_on_compute": sync_on_compute}
         self.record: dict = {}
         self.perplexity = self.moment = self.fidelity = None
         if options.evaluator is not None:
@@ -78,17 +90,19 @@ class SampleScorer:
         return [m for m in (self.perplexity, self.moment, self.fidelity) if m is not None]
 
     def __call__(self, tokens: Tensor) -> dict[str, float]:
+        """Every metric of (N, D) samples (all N on every rank)."""
         metrics = sample_metrics(tokens, self.datamodule, self.vocab_size)
+        mine = tokens[self.ranks.rows(len(tokens))]  # the rows this rank feeds the summed-state metrics
         if self.perplexity is not None:
             self.perplexity.reset()
-            for chunk in tokens.split(self.options.evaluator_batch_size * 16):  # bounds decoded-text memory
+            for chunk in mine.split(self.options.evaluator_batch_size * 16):  # bounds decoded-text memory
                 self.perplexity.update(chunk)
             metrics.update(_floats(self.perplexity.compute()))
         if self.moment is not None:
             metrics["grad_moment"] = self._gradient_moment(tokens)
         if self.fidelity is not None:
             self.fidelity.reset()
-            for chunk in tokens.split(256):
+            for chunk in mine.split(256):
                 self.fidelity.update(self.datamodule.decode(chunk))
             metrics.update(_floats(self.fidelity.compute()))
         return metrics
@@ -97,8 +111,8 @@ class SampleScorer:
         self.moment.reset()
         self.datamodule.setup("validate")
         data = dataset_tokens(self.datamodule.val_set, len(tokens))
-        batch = self.options.evaluator_batch_size
-        for source, samples in (("gen", tokens), ("data", data)):
+        batch, rows = self.options.evaluator_batch_size, self.ranks.rows(len(tokens))
+        for source, samples in (("gen", tokens[rows]), ("data", data[rows])):
             for chunk in samples.split(batch):
                 self.moment.update(chunk, source)
         return self.moment.compute().item()
@@ -142,17 +156,35 @@ def _floats(values: dict[str, Tensor]) -> dict[str, float]:
 
 @torch.no_grad()
 def likelihood_bound(model, datamodule, num_draws: int = 1, max_batches: int | None = None,
-                     seed: int = 0) -> dict[str, float]:
-    """NLL bound per token (and PPL, bits per token) of the validation set under the model's ``val_loss``."""
+                     seed: int = 0, ranks: Ranks = Ranks()) -> dict[str, float]:
+    """NLL bound per token (and PPL, bits per token) of the validation set under the model's ``val_loss``.
+
+    ``max_batches`` validation batches (None: all) are scored; with several ``ranks`` each scores every
+    world_size-th of their rows, with its own noise stream, and the summed states all-reduce.
+    """
     if not hasattr(model, "val_loss"):
         return {}
     datamodule.setup("validate")
-    metric = NLLMetric().to(model.device)
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+    metric = NLLMetric(sync_on_compute=ranks.world_size > 1).to(model.device)
+    generator = torch.Generator(device=model.device).manual_seed(ranks.seed(seed))
     model.eval()
-    for i, x in enumerate(datamodule.val_dataloader()):
+    loader = datamodule.val_dataloader()
+    if ranks.world_size > 1:
+        loader = _rank_loader(loader, max_batches, ranks)
+        max_batches = None
+    for i, x in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         x = x.to(model.device)
         metric.update(estimate_nll(model.denoise, x, model.process, model.val_loss, num_draws, generator), x.shape[1])
     return {name: value.item() for name, value in metric.compute().items()}
+
+
+def _rank_loader(loader: torch.utils.data.DataLoader, max_batches: int | None, ranks: Ranks):
+    """This rank's part of the rows a one-process run scores: every world_size-th of the first
+    ``max_batches`` batches' rows, in batches of the same size."""
+    total = len(loader.dataset)
+    if max_batches is not None:
+        total = min(total, max_batches * loader.batch_size)
+    rows = torch.utils.data.Subset(loader.dataset, range(ranks.rank, total, ranks.world_size))
+    return torch.utils.data.DataLoader(rows, batch_size=loader.batch_size, collate_fn=loader.collate_fn)

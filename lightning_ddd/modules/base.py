@@ -14,7 +14,9 @@ from torch import Tensor
 
 from lightning_ddd.diffusion.processes import DiscreteProcess, MaskedProcess
 from lightning_ddd.diffusion.sampling import SampleOutput, sample
+from lightning_ddd.distributed import clip_grad_norm_, fully_shard_units, gradient_replicas, sharded_gradients
 from lightning_ddd.nn import Backbone, DenoisingTransformer
+from lightning_ddd.nn.transformer import Block
 from lightning_ddd.resume import settle_epoch_boundary
 
 #: builds a process from the vocabulary size: ``process(vocab_size)``
@@ -250,6 +252,23 @@ class DiffusionModule(pl.LightningModule):
     def trainable_parameters(self):
         """Parameters given to the optimiser (students override this to leave the teacher out)."""
         return self.parameters()
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): shard every transformer block and backbone over the
+        data-parallel mesh (a student's frozen teacher, outside the module tree, stays whole)."""
+        if self.device_mesh is not None:
+            fully_shard_units(self, self.device_mesh["data_parallel"], (Block, DenoisingTransformer))
+
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except norm clipping of FSDP-sharded gradients (which Lightning's FSDP plugin
+        refuses): by the global norm of this optimiser's parameters (``lightning_ddd.distributed``)."""
+        strategy = self.trainer.strategy
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and sharded_gradients(strategy):
+            optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            clip_grad_norm_(params, gradient_clip_val, gradient_replicas(strategy))
+            return
+        super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.trainable_parameters())
