@@ -7,11 +7,13 @@ marginal and transition KLs compare the samples' smoothed counts with the chain'
 when a sampler over-sharpens or gets positions wrong; ``lightning_ddd.metrics.markov``). A perfect sampler
 scores the data's own values, printed as the ``data`` row (as many real sequences as samples).
 
-    python benchmarks/distillation.py --students di4c dmmd --out benchmarks/results/distillation
+    python benchmarks/distillation.py --out benchmarks/results/distillation   # every shipped student
+    python benchmarks/distillation.py --students dmmd --teacher-ckpt runs/quickstart/teacher/checkpoints/last.ckpt
 
 Trains the quickstart teacher (unless --teacher-ckpt is given), then each student from
 configs/quickstart/<name>.yaml with the teacher's checkpoint, then evaluates every model with the
-``evaluate`` subcommand on the same seeds, and prints one markdown table.
+``evaluate`` subcommand on the same seeds, and prints one markdown table. The training column is the
+wall time of each ``fit`` (validation included) on whatever machine ran it: compare rows of one run.
 """
 
 from __future__ import annotations
@@ -19,17 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 from lightning_ddd.cli import main
 
 TEACHER_CONFIG = "configs/quickstart/teacher.yaml"
 
 
-def fit(config: str, root: str, extra: list[str]) -> str:
-    """Train with ``config`` under ``root``; return the path of the last checkpoint."""
+def fit(config: str, root: str, extra: list[str]) -> tuple[str, dict]:
+    """Train with ``config`` under ``root``; return the path of the last checkpoint and the training cost
+    (optimiser steps and wall seconds of ``fit``, validation included)."""
+    start = time.perf_counter()
     cli = main(["fit", "-c", config, "--trainer.default_root_dir", root, "--trainer.logger.init_args.save_dir", root,
                 "--trainer.enable_progress_bar", "false", *extra])
-    return cli.trainer.checkpoint_callback.last_model_path  # configs may pin their own checkpoint folder
+    cost = {"train_steps": cli.trainer.global_step, "train_seconds": time.perf_counter() - start}
+    return cli.trainer.checkpoint_callback.last_model_path, cost  # configs may pin their own checkpoint folder
 
 
 def evaluate(config: str, ckpt: str, steps: list[int], args, out: str, extra: list[str]) -> list[dict]:
@@ -53,17 +59,19 @@ def data_row(config: str, num_samples: int, seed: int) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | steps | oracle NLL / token | sample entropy | first-token KL | marginal KL | transition KL "
-             "| mean NFE |", "|---|---|---|---|---|---|---|---|"]
+             "| mean NFE | training |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nfe = f"{r['mean_nfe']:.1f}" if "mean_nfe" in r else "-"
         kls = " | ".join(f"{r[k]:.4f}" for k in ("first_token_kl", "marginal_kl", "transition_kl"))
-        lines.append(f"| {r['model']} | {r['steps']} | {r['oracle_nll']:.4f} | {r['entropy']:.4f} | {kls} | {nfe} |")
+        cost = f"{r['train_steps']} steps, {r['train_seconds'] / 60:.1f} min" if "train_seconds" in r else "-"
+        lines.append(f"| {r['model']} | {r['steps']} | {r['oracle_nll']:.4f} | {r['entropy']:.4f} | {kls} | {nfe} "
+                     f"| {cost} |")
     return "\n".join(lines)
 
 
 def run(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shipped = [n for n in ("di4c", "dmmd", "dmmd_step_aware") if os.path.exists(f"configs/quickstart/{n}.yaml")]
+    shipped = [n for n in ("dmmd", "dmmd_step_aware", "di4c", "sdtt") if os.path.exists(f"configs/quickstart/{n}.yaml")]
     parser.add_argument("--students", nargs="*", default=shipped, help="configs/quickstart/<name>.yaml")
     parser.add_argument("--teacher-ckpt", default=None, help="reuse a trained quickstart teacher")
     parser.add_argument("--teacher-steps", type=int, nargs="*", default=[2, 4, 8, 16, 64])
@@ -76,16 +84,17 @@ def run(argv: list[str] | None = None) -> list[dict]:
                              "--student-arg=--trainer.max_steps=3000")
     args = parser.parse_args(argv)
 
-    teacher = args.teacher_ckpt or fit(TEACHER_CONFIG, os.path.join(args.out, "teacher"), [])
+    teacher, cost = (args.teacher_ckpt, {}) if args.teacher_ckpt else fit(
+        TEACHER_CONFIG, os.path.join(args.out, "teacher"), [])
     rows = [data_row(TEACHER_CONFIG, args.num_samples, args.seed)]
     for r in evaluate(TEACHER_CONFIG, teacher, args.teacher_steps, args, os.path.join(args.out, "eval_teacher"), []):
-        rows += [{**r, "model": "teacher"}] if r["model_class"] != "data" else []  # the floor is rows[0]
+        rows += [{**r, **cost, "model": "teacher"}] if r["model_class"] != "data" else []  # the floor is rows[0]
     for name in args.students:
         config = f"configs/quickstart/{name}.yaml"
         link = ["--model.init_args.teacher_ckpt", teacher]
-        ckpt = fit(config, os.path.join(args.out, name), link + args.student_args)
+        ckpt, cost = fit(config, os.path.join(args.out, name), link + args.student_args)
         for r in evaluate(config, ckpt, args.student_steps, args, os.path.join(args.out, f"eval_{name}"), link):
-            rows += [{**r, "model": name}] if r["model_class"] != "data" else []
+            rows += [{**r, **cost, "model": name}] if r["model_class"] != "data" else []
     table = markdown(rows)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
