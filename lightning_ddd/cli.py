@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 import lightning_ddd.data  # noqa: F401  (registers the DataModules for short class names)
 import lightning_ddd.diffusion.losses  # noqa: F401  (registers the losses)
 import lightning_ddd.optim  # noqa: F401
-import lightning_ddd.released  # noqa: F401  (registers ReleasedTeacher)
+import lightning_ddd.released  # noqa: F401  (released networks, for class_path resolution)
 from lightning_ddd.checkpoints import (
     CheckpointError,
     check_class,

@@ -20,7 +20,8 @@ class FitReport(Callback):
     :meth:`summary` can name the final and the best value.
 
     The metric is the one the first ``ModelCheckpoint`` monitors, else ``val/nll``, else ``val/loss``
-    (lower is better for all of them unless the checkpoint says ``mode: max``).
+    (lower is better for all of them unless the checkpoint says ``mode: max``). A module whose validation
+    numbers measure a moving target (``validation_comparable_over_training = False``) gets no "best".
     """
 
     def __init__(self) -> None:
@@ -62,7 +63,9 @@ class FitReport(Callback):
             pick = max if self._mode == "max" else min
             best_step, best = pick(self.history, key=lambda item: item[1])
             final_step, final = self.history[-1]
-            parts.append(f"{self.metric} {final:.4g} at step {final_step} (best {best:.4g} at step {best_step})")
+            comparable = getattr(trainer.lightning_module, "validation_comparable_over_training", True)
+            parts.append(f"{self.metric} {final:.4g} at step {final_step}"
+                         + (f" (best {best:.4g} at step {best_step})" if comparable else ""))
         else:
             parts.append("no validation ran")
         checkpoint = _checkpoint_callback(trainer)

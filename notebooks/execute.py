@@ -75,7 +75,7 @@ class _Streams:
         return False
 
 
-def _stream_outputs(chunks: list[tuple[str, str]]) -> list[dict]:
+def _stream_outputs(chunks: list[tuple[str, str]], folder: str) -> list[dict]:
     """Merge consecutive writes to the same stream; a carriage return overwrites its line (progress bars)."""
     merged: list[list] = []
     for name, text in chunks:
@@ -86,7 +86,7 @@ def _stream_outputs(chunks: list[tuple[str, str]]) -> list[dict]:
     outputs = []
     for name, text in merged:
         text = "".join(re.sub(r"^.*\r(?!\n?$)", "", line) for line in _lines(text))
-        text = text.replace("\r", "")
+        text = text.replace("\r", "").replace(folder, "$TMPDIR")  # no path of the machine that ran it
         if text:
             outputs.append({"output_type": "stream", "name": name, "text": _lines(text)})
     return outputs
@@ -149,7 +149,7 @@ def execute(path: str) -> float:
                 count += 1
                 chunks.clear()
                 value = run_cell(cell_source(cell), namespace, f"{os.path.basename(path)} [cell {index}]")
-                outputs = _stream_outputs(chunks) + _figure_outputs()
+                outputs = _stream_outputs(chunks, work) + _figure_outputs()
                 if value is not None:
                     outputs.append({"output_type": "execute_result", "execution_count": count,
                                     "data": {"text/plain": _lines(repr(value))}, "metadata": {}})

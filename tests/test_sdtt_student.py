@@ -110,3 +110,18 @@ def test_student_learns_to_match_its_target(teacher_ckpt):
         loss.backward()
         opt.step()
     assert before > 0.05 and fixed_loss() < 0.3 * before
+
+
+def test_fit_summary_names_no_best_value_across_rounds():
+    """SDTT's val/loss is against the current round's teacher: a 'best' over rounds would mislead."""
+    from types import SimpleNamespace
+
+    from lightning_ddd.fit_report import FitReport
+
+    report = FitReport()
+    report.metric, report.history = "val/loss", [(400, 0.009), (800, 0.05)]
+    for module, best in ((SimpleNamespace(), True), (SimpleNamespace(validation_comparable_over_training=False), False)):
+        trainer = SimpleNamespace(global_step=800, lightning_module=module, callbacks=[])
+        line = report.summary(trainer)
+        assert "val/loss 0.05 at step 800" in line and ("best 0.009 at step 400" in line) is best, line
+    assert SDTTStudent.validation_comparable_over_training is False

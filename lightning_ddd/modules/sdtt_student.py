@@ -147,6 +147,8 @@ class SDTTStudent(DistilledStudent):
     """
 
     context_class = SDTTContext
+    #: val/loss is measured against the current round's teacher, so values of different rounds do not compare
+    validation_comparable_over_training = False
 
     def __init__(
         self,
