@@ -4,6 +4,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
 
 
@@ -43,6 +45,7 @@ def test_every_section_and_worker_runs_in_process():
         assert name == "baseline" or result["s_per_step"] > 0
 
 
+@pytest.mark.slow  # a child process per case (minutes); the workers run in-process above
 def test_training_rows_name_every_model(capsys):
     """The training section measures the teacher, both D-MMD updates and Di4C, each in its own child."""
     bench = load_script()
@@ -55,6 +58,7 @@ def test_training_rows_name_every_model(capsys):
         float(row.strip("|").split("|")[3])  # a number, not an error
 
 
+@pytest.mark.slow  # two corpora, each measured in a child process; the store itself is tested in test_token_store
 def test_token_store_section_prints_its_table(tmp_path):
     bench = load_script()
     text = bench.main(["--section", "token_store", "--corpus-mb", "0.02", "0.05", "--seq-len", "64",
