@@ -173,7 +173,7 @@ class LightningDDDCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        # Models whose vocabulary and tokenizer are fixed by a release check the data before any work.
+        # Every model checks the data before any work: vocabulary and row length (and a release its tokenizer).
         check = getattr(self.model, "check_datamodule", None)
         if callable(check) and self.datamodule is not None:
             check(self.datamodule)

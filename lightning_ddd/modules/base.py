@@ -206,10 +206,14 @@ class DiffusionModule(pl.LightningModule):
     # ---- checks that fail early with a clear message ------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            return
+        if dm is not None:
+            self.check_datamodule(dm)
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Raise one line unless the data's vocabulary and row length are the model's (subclasses add their
+        own checks, e.g. a release's tokenizer); called by ``setup`` and, before any work, by the CLI."""
         for name in ("vocab_size", "seq_len"):
-            data_value, model_value = getattr(dm, name, None), getattr(self, name)
+            data_value, model_value = getattr(datamodule, name, None), getattr(self, name)
             if data_value is not None and data_value != model_value:
                 raise ValueError(
                     f"{name} mismatch: the data has {name}={data_value} but the model was built with "

@@ -118,11 +118,7 @@ class ReleasedTeacher(DiffusionModule):
     # ---- data agreement -----------------------------------------------------------------------------
     def check_datamodule(self, datamodule: Any) -> None:
         """Raise one line unless the data's vocabulary, row length and tokenizer are the release's."""
-        for name in ("vocab_size", "seq_len"):
-            data_value = getattr(datamodule, name, None)
-            if data_value is not None and data_value != getattr(self, name):
-                raise ValueError(f"{name} mismatch: the data has {name}={data_value} but the teacher was built with "
-                                 f"{getattr(self, name)}; let the CLI link it from the data.")
+        super().check_datamodule(datamodule)
         theirs = getattr(datamodule, "tokenizer", None)
         if theirs is None or self.tokenizer_name is None:
             return
@@ -140,12 +136,6 @@ class ReleasedTeacher(DiffusionModule):
                 f"tokenizer mismatch: the data's tokenizer '{theirs.name_or_path}' is not the release's "
                 f"'{self.tokenizer_name}' (different vocabulary); tokenise the data with '{self.tokenizer_name}'."
             )
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None:
-            self.check_datamodule(dm)
 
     def check_batch(self, x: Tensor) -> None:
         super().check_batch(x)

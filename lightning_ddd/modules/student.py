@@ -147,16 +147,9 @@ class DistilledStudent(DiffusionModule):
 
     # ---- data agreement (a released teacher fixes the tokenizer) -------------------------------------
     def check_datamodule(self, datamodule: Any) -> None:
-        """The teacher's own check of the data (a release's tokenizer), before any work."""
-        check = getattr(self._teacher.value, "check_datamodule", None)
-        if callable(check):
-            check(datamodule)
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None:
-            self.check_datamodule(dm)
+        """The student's check of the data, then the teacher's own (a release's tokenizer), before any work."""
+        super().check_datamodule(datamodule)
+        self._teacher.value.check_datamodule(datamodule)
 
     def check_batch(self, x: Tensor) -> None:
         super().check_batch(x)
