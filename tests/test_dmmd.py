@@ -16,7 +16,7 @@ from lightning_ddd.diffusion.step_times import draw_step_times
 from lightning_ddd.metrics.entropy import unigram_entropy
 from lightning_ddd.modules import DMMDStudent
 from lightning_ddd.modules.dmmd_student import DMMDSettings
-from lightning_ddd.modules.student_losses import DMMDAuxiliaryLoss, DMMDContext, DMMDGeneratorLoss
+from lightning_ddd.modules.student_losses import DMMDAuxiliaryLoss, DMMDContext, DMMDGeneratorLoss, DMMDMarginalLoss
 from lightning_ddd.nn.transformer import sinusoids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -337,3 +337,52 @@ def test_step_aware_student_trains_and_uses_its_step(teacher_ckpt, tmp_path):
     two, eight = (model.draw_condition(4, None, torch.full((4,), 1.0), torch.full((4,), 1.0 - 1 / k)) for k in (2, 8))
     two[..., :4], eight[..., :4] = noise, noise  # the same noise, different steps
     assert not torch.allclose(model.denoise(z, None, two), model.denoise(z, None, eight))  # the step is an input now
+
+
+# ---- the marginal term ------------------------------------------------------------------------------
+
+
+def test_marginal_term_is_the_squared_gap_of_the_noise_average_without_bias():
+    """Enumerate a noise with three outcomes: the term averaged over independent pairs is
+    w(t) sum_d ||E p[d] - r[d]||^2 exactly, while the same-draw square adds the noise's variance."""
+    g = torch.Generator().manual_seed(0)
+    B, D, V, K = 3, 4, 5, 3
+    predicted = torch.rand(B, D, generator=g) < 0.6
+    predicted[:, 0] = True
+    n = int(predicted.sum())
+    P = random_log_probs(K, n, V, seed=1).exp()  # (K, n, V): the student's x-prediction per noise outcome
+    pi = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    r = random_log_probs(n, V, seed=2).exp()  # the teacher at z_t
+    w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+
+    def term(i, j):
+        ctx = type("Ctx", (), dict(x=torch.zeros(B, D, dtype=torch.long), predicted=predicted, p=P[i],
+                                   second_p=P[j], teacher_probs_t=r, weight_t=w))()
+        return DMMDMarginalLoss(weight=2.0)(ctx)  # (B,)
+
+    mean = sum(pi[i] * pi[j] * term(i, j) for i in range(K) for j in range(K))
+    gap = ((pi[:, None, None] * P).sum(0) - r).square().sum(-1)  # (n,)
+    by_hand = 2.0 * w * torch.zeros(B, D, dtype=torch.float64).masked_scatter(predicted, gap).sum(-1)
+    torch.testing.assert_close(mean, by_hand, rtol=1e-12, atol=1e-14)
+    same_draw = sum(pi[i] * term(i, i) for i in range(K))
+    assert (same_draw > by_hand + 1e-3).all()  # the naive square is biased upwards by the variance
+
+
+def test_marginal_term_is_zero_at_the_teacher_and_trains_the_noise_input(teacher_ckpt):
+    losses = [DMMDGeneratorLoss(), DMMDMarginalLoss(weight=1.0), DMMDAuxiliaryLoss()]
+    model = DMMDStudent(teacher_ckpt, dmmd=DMMDSettings(noise_dim=4), losses=losses)
+    x = torch.randint(5, (8, 8), generator=torch.Generator().manual_seed(0))
+    fresh = model.compute_losses(x, torch.Generator().manual_seed(1), trains="student")
+    assert fresh["loss_marginal"].abs().item() < 1e-6  # the fresh student is the teacher: p = r
+    with torch.no_grad():
+        for p in model.backbone.cond_proj.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.5)
+    ctx = DMMDContext(model, x, torch.Generator().manual_seed(1), trains="student")
+    assert not torch.allclose(ctx.p, ctx.second_p)  # a second, independent noise draw at the same z_t
+    model.zero_grad()
+    out = model.compute_losses(x, torch.Generator().manual_seed(1), trains="student")
+    out["loss_marginal"].backward()
+    assert max(p.grad.abs().max() for p in model.backbone.cond_proj.parameters()) > 0
+    assert all(p.grad is None for p in model.aux_backbone.parameters())  # the auxiliary is not this term's
+    aux = model.compute_losses(x, torch.Generator().manual_seed(1), trains="auxiliary")
+    assert torch.equal(aux["loss"], aux["loss_aux"])  # the auxiliary's objective leaves the term out
