@@ -613,3 +613,25 @@ def test_sampler_allocates_no_full_size_temporaries(monkeypatch, cls, cache, fil
     assert (out.tokens < V).all()
     big = [size for size in spy.sizes if size > max(B * D, 2 * V)]
     assert big == [], big  # a (B, D, V) or (D, V) temporary would show here
+
+
+def test_in_place_log_softmax_overwrites_only_what_the_caller_gave():
+    """A full-span view (nn.Linear's reshaped product) is normalised in place; a slice of a bigger buffer is
+    copied first, so the rest of that buffer keeps its values."""
+    from lightning_ddd.diffusion.processes import owns_its_memory
+
+    process = MaskedProcess(6)
+    z = torch.full((2, 3), 6)  # all masked
+    with torch.no_grad():
+        linear = nn.Linear(4, 6)(torch.randn(2, 3, 4))  # (2, 3, 6), a view of its (6, 6) product
+        expected = torch.log_softmax(linear, -1)
+        assert linear._base is not None and owns_its_memory(linear)
+        assert process.x0_log_probs(linear, z).data_ptr() == linear.data_ptr()  # no copy
+        torch.testing.assert_close(linear, expected)
+        buffer = torch.randn(4, 3, 6)
+        before = buffer.clone()
+        part = buffer[:2]  # contiguous, but a view of half of buffer
+        assert not owns_its_memory(part) and not owns_its_memory(buffer.transpose(0, 1))
+        out = process.x0_log_probs(part, z)
+        torch.testing.assert_close(out, torch.log_softmax(before[:2], -1))
+        assert torch.equal(buffer, before)

@@ -264,10 +264,20 @@ class UniformProcess(DiscreteProcess):
 _CHUNK_ELEMENTS = 1 << 21
 
 
+def owns_its_memory(t: Tensor) -> bool:
+    """Whether overwriting ``t`` changes no tensor but ``t``: contiguous, and no view, or a view of its whole
+    base (``nn.Linear`` on a (B, D, H) input returns its (B*D, V) product reshaped, a view of it since
+    torch 2.14; overwriting that view overwrites nothing else). A slice, an expand or a transpose does not."""
+    if not t.is_contiguous():
+        return False
+    base = t._base
+    return base is None or (base.data_ptr() == t.data_ptr() and base.numel() == t.numel())
+
+
 def _writable_fp32(logits: Tensor) -> Tensor:
-    """``logits`` as fp32 we may overwrite: the tensor itself when it is a contiguous fp32 non-view, else a copy."""
+    """``logits`` as fp32 we may overwrite: the tensor itself when it is fp32 and ``owns_its_memory``, else a copy."""
     out = logits.float()
-    if out is logits and (out._base is not None or not out.is_contiguous()):
+    if out is logits and not owns_its_memory(out):
         out = out.clone(memory_format=torch.contiguous_format)  # a view may share memory with other state
     return out
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from lightning_ddd.diffusion.categorical import resolve_precision
 from lightning_ddd.diffusion.draws import TOP_P_TOL, sample_positions
-from lightning_ddd.diffusion.processes import DiscreteProcess, MaskedProcess
+from lightning_ddd.diffusion.processes import DiscreteProcess, MaskedProcess, owns_its_memory
 
 __all__ = [
     "SampleOutput", "StepCondition", "filter_logits", "sample", "takes_step_times", "validate_sampling_args",
@@ -339,7 +339,7 @@ def _cached_call(
     if cached is None and bool(rows.all()):
         out = _call(denoiser, z, t, False, None, (B, D, V))  # (B, D, V)
         # Later steps write into the cache: a view could share memory with the denoiser's own state.
-        cached = out if out._base is None and out.is_contiguous() else out.clone(memory_format=torch.contiguous_format)
+        cached = out if owns_its_memory(out) else out.clone(memory_format=torch.contiguous_format)
         nfe += 1
     else:
         idx = rows.nonzero().squeeze(-1)  # (R,)
