@@ -387,7 +387,9 @@ class DMMDMarginalLoss(DistillationLoss):
     x-prediction is the teacher's, at every step size. The D-MMD generator loss is linear in p and has no
     term that says so; this one does, with no penalty on how the noise correlates positions: with two
     independent noise draws p1, p2 at the same z_t, ``(p1 - r) . (p2 - r)`` has expectation
-    ``||E p - r||^2`` (r = the shaped teacher at z_t). Costs one more student and one teacher pass per step.
+    ``||E p - r||^2`` (r = the shaped teacher at z_t; one draw's value, logged as ``train/loss_marginal``, can
+    be negative). Costs one more student and one teacher pass per student update. The project's
+    addition, not the paper's: see ``configs/quickstart/dmmd_step_aware.yaml`` for what it changes.
 
     Args:
         weight: multiplies the term.
