@@ -307,8 +307,9 @@ def table(rows: list[tuple[dict[str, Any], dict[str, Any]]], baseline: dict[str,
             cells += [f"{above / 1e9:.2f}", f"{above / unit:.2f}"]
             if cuda:
                 cells += [f"{res['cuda'] / 1e9:.2f}", f"{res['cuda'] / unit:.2f}"] if "cuda" in res else ["", ""]
-            cells.append(f"{res['s_per_step']:.2f}")
-            cells.append(f"{res['cpu_s_per_step']:.2f}" if "cpu_s_per_step" in res else "")
+            # three significant figures: a quick case's step takes milliseconds and would print as 0.00
+            cells.append(f"{res['s_per_step']:.3g}")
+            cells.append(f"{res['cpu_s_per_step']:.3g}" if "cpu_s_per_step" in res else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
