@@ -285,8 +285,7 @@ class DMMDContext:
         self.z_t = student.process.corrupt(x, self.t, generator)  # (B, D)
         self.noise = student.draw_condition(B, generator, self.t, self.s)  # (B, D, C), (B, C) or None
         self.predicted = _rows_mask(dmmd.loss_positions(self.z_t, student.process), x)  # (B, D)
-        with torch.set_grad_enabled(trains == "student" and torch.is_grad_enabled()):
-            self.log_p = student.denoise(self.z_t, self.t.float(), self.noise, positions=self.predicted)  # (n_t, V)
+        self.log_p = self.student_log_probs(self.noise)  # (n_t, V)
         self.p = self.log_p.exp()
         drawn = sample_positions(self.log_p.detach()[None], torch.arange(self.log_p.shape[0], device=x.device),
                                  generator)  # (n_t,) one float64 uniform per row
@@ -324,13 +323,18 @@ class DMMDContext:
         """w(s), (B,) fp32."""
         return dmmd.loss_weight(self.student.process.schedule, self.s, self.student.dmmd.weighting)
 
+    def student_log_probs(self, noise: Tensor | None) -> Tensor:
+        """The student's x-prediction at z_t given its extra input, (n_t, V) log-probabilities at ``predicted``;
+        with a graph only when the student trains."""
+        with torch.set_grad_enabled(self.trains == "student" and torch.is_grad_enabled()):
+            return self.student.denoise(self.z_t, self.t.float(), noise, positions=self.predicted)
+
     @cached_property
     def second_p(self) -> Tensor:
-        """The student's x-prediction at the same z_t with a second, independent noise draw, (n_t, V)
-        probabilities at ``predicted``; with a graph when the student trains. (The step input is the same.)"""
+        """The student's x-prediction at the same z_t with a second, independent noise draw (the same step
+        input), (n_t, V) probabilities at ``predicted``."""
         noise = self.student.draw_condition(self.x.shape[0], self.generator, self.t, self.s)
-        with torch.set_grad_enabled(self.trains == "student" and torch.is_grad_enabled()):
-            return self.student.denoise(self.z_t, self.t.float(), noise, positions=self.predicted).exp()
+        return self.student_log_probs(noise).exp()
 
     @cached_property
     def teacher_probs_t(self) -> Tensor:
@@ -402,8 +406,7 @@ class DMMDMarginalLoss(DistillationLoss):
     def __call__(self, ctx: DMMDContext) -> Tensor:
         r = ctx.teacher_probs_t  # (n_t, V)
         per_row = torch.einsum("nv,nv->n", ctx.p - r, ctx.second_p - r)  # (n_t,)
-        values = ctx.x.new_zeros(ctx.x.shape, dtype=per_row.dtype).masked_scatter(ctx.predicted, per_row)
-        return self.weight * (ctx.weight_t * values.sum(-1))
+        return self.weight * (ctx.weight_t * dmmd.sum_rows(per_row, ctx.predicted, tuple(ctx.x.shape)))
 
 
 class DMMDAuxiliaryLoss(DistillationLoss):
