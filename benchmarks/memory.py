@@ -10,7 +10,8 @@ Sections (``--section``, default all):
     sampling: ancestral sampling with a masked teacher, B in {1, 8, 16}, float64 and float32, 4 steps; also
         reports wall-clock and CPU seconds per step (CPU time is the steadier figure on a shared machine).
     training: one training step (forward, backward, AdamW) at B = 4 of the masked teacher (t-DCE), of the
-        D-MMD student (one student update and one auxiliary update) and of the Di4C student (M = 4 lambda
+        D-MMD student (one student update, one with the marginal term added, and one auxiliary update) and
+        of the Di4C student (M = 4 lambda
         draws, all three terms), the students distilled from a freshly built 1-layer teacher.
     token_store: ``setup`` of the text data's token store on synthetic corpora of 10 MB and 200 MB of text
         (``benchmarks/token_store_memory.py``); its own table, in MB.
@@ -155,9 +156,13 @@ def work_teacher_step(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]
 
 
 def work_dmmd_step(m: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
-    """One D-MMD iteration (``case["trains"]``: the student's or the auxiliary's update), k = 4 steps."""
+    """One D-MMD iteration (``case["trains"]``: the student's or the auxiliary's update), k = 4 steps; with
+    ``case["marginal"]`` the objective adds ``DMMDMarginalLoss`` (a second student pass and a teacher pass)."""
+    from lightning_ddd.modules.student_losses import DMMDAuxiliaryLoss, DMMDGeneratorLoss, DMMDMarginalLoss
+
+    losses = [DMMDGeneratorLoss(), DMMDMarginalLoss(), DMMDAuxiliaryLoss()] if case.get("marginal") else None
     with tempfile.TemporaryDirectory() as folder:
-        student = m["DMMD"](_teacher_file(m, case, folder)).to(case["device"])
+        student = m["DMMD"](_teacher_file(m, case, folder), losses=losses).to(case["device"])
     return _timed_step(m, case, student,
                        lambda x, g: student.compute_losses(x, g, case["trains"])["loss"].backward())
 
@@ -237,6 +242,7 @@ def training_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [
         {"worker": "teacher_step", **common},
         {"worker": "dmmd_step", "trains": "student", **common},
+        {"worker": "dmmd_step", "trains": "student", "marginal": True, **common},
         {"worker": "dmmd_step", "trains": "auxiliary", **common},
         {"worker": "di4c_step", "M": args.num_lambda, **common},
     ]
@@ -281,7 +287,7 @@ def describe(case: dict[str, Any]) -> str:
     if case["worker"] == "teacher_step":
         return "teacher step (t-DCE)"
     if case["worker"] == "dmmd_step":
-        return f"D-MMD step ({case['trains']} update)"
+        return f"D-MMD step ({case['trains']} update{', marginal term' if case.get('marginal') else ''})"
     if case["worker"] == "di4c_step":
         return f"Di4C step (M = {case['M']})"  # the share of masked positions is added to the row once measured
     filters = [f"{k}={case[k]}" for k, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)) if case[k] != off]

@@ -405,7 +405,10 @@ class DMMDMarginalLoss(DistillationLoss):
 
     def __call__(self, ctx: DMMDContext) -> Tensor:
         r = ctx.teacher_probs_t  # (n_t, V)
-        per_row = torch.einsum("nv,nv->n", ctx.p - r, ctx.second_p - r)  # (n_t,)
+        d2 = ctx.second_p - r  # (n_t, V)
+        # (p1 - r) . d2 as p1 . d2 - r . d2: backward keeps d2 and tensors that exist anyway, where a second
+        # difference (p1 - r) would keep one more (n_t, V); no cancellation beyond d2's own size.
+        per_row = torch.einsum("nv,nv->n", ctx.p, d2) - torch.einsum("nv,nv->n", r, d2)  # (n_t,)
         return self.weight * (ctx.weight_t * dmmd.sum_rows(per_row, ctx.predicted, tuple(ctx.x.shape)))
 
 
