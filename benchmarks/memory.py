@@ -11,8 +11,8 @@ Sections (``--section``, default all):
         reports wall-clock and CPU seconds per step (CPU time is the steadier figure on a shared machine).
     training: one training step (forward, backward, AdamW) at B = 4 of the masked teacher (t-DCE), of the
         D-MMD student (one student update, one with the marginal term added, and one auxiliary update) and
-        of the Di4C student (M = 4 lambda
-        draws, all three terms), the students distilled from a freshly built 1-layer teacher.
+        of the Di4C student (M = 4 lambda draws, all three terms), the students distilled from a freshly
+        built 1-layer teacher.
     token_store: ``setup`` of the text data's token store on synthetic corpora of 10 MB and 200 MB of text
         (``benchmarks/token_store_memory.py``); its own table, in MB.
 

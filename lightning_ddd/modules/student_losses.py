@@ -407,7 +407,9 @@ class DMMDMarginalLoss(DistillationLoss):
         r = ctx.teacher_probs_t  # (n_t, V)
         d2 = ctx.second_p - r  # (n_t, V)
         # (p1 - r) . d2 as p1 . d2 - r . d2: backward keeps d2 and tensors that exist anyway, where a second
-        # difference (p1 - r) would keep one more (n_t, V); no cancellation beyond d2's own size.
+        # difference (p1 - r) would keep one more (n_t, V). The gradients are the same tensors (d2, and p1 - r
+        # formed in backward); only the value loses precision to the two products' cancellation (fp32 at
+        # V = 50,257, rows near 5e-7: errors near 1e-9, 0.2% of a row, against 4e-11 for the plain form).
         per_row = torch.einsum("nv,nv->n", ctx.p, d2) - torch.einsum("nv,nv->n", r, d2)  # (n_t,)
         return self.weight * (ctx.weight_t * dmmd.sum_rows(per_row, ctx.predicted, tuple(ctx.x.shape)))
 
