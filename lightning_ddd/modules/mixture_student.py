@@ -26,10 +26,8 @@ from lightning_ddd.modules.student_losses import (
     Di4CContext,
     Di4CDataLoss,
     Di4CDistillationLoss,
-    Di4CPosteriorDataLoss,
     DistillationLoss,
 )
-from lightning_ddd.nn.lambda_encoder import LambdaEncoder
 from lightning_ddd.nn.transformer import sinusoids
 
 
@@ -58,15 +56,12 @@ class MixtureSettings:
             position of an all-masked sequence is identical). 0: one shared lambda embedding.
         lambda_init_std: std of the first layer of the lambda MLP, in units of 1 / |features|
             (1: unit-variance pre-activations). Its last layer starts at zero whatever this is.
-        encoder_dim: if > 0, the student also has a ``LambdaEncoder`` q(lambda | x, z_t) of this width, read by
-            ``Di4CPosteriorDataLoss`` (not the paper's; sampling still draws lambda from its prior). 0: none.
     """
 
     num_lambda: int = 16
     lambda_dim: int = 128
     position_dim: int = 0
     lambda_init_std: float = 1.0
-    encoder_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.num_lambda < 1:
@@ -75,8 +70,6 @@ class MixtureSettings:
             raise ValueError(f"MixtureSettings: lambda_dim={self.lambda_dim} must be even and >= 2.")
         if self.position_dim < 0 or self.position_dim % 2:
             raise ValueError(f"MixtureSettings: position_dim={self.position_dim} must be even and >= 0.")
-        if self.encoder_dim < 0:
-            raise ValueError(f"MixtureSettings: encoder_dim={self.encoder_dim} must be >= 0 (0: no encoder).")
 
 
 def di4c_losses() -> list[DistillationLoss]:
@@ -171,14 +164,6 @@ class MixtureStudent(DistilledStudent):
         nn.init.normal_(self.backbone.cond_proj[0].weight, std=mixture.lambda_init_std * (2.0 / cond_dim) ** 0.5)
         self.mixture, self.times = mixture, times
         self.hybrid_teacher_steps = hybrid_teacher_steps
-        self.lambda_encoder = (
-            LambdaEncoder(self.vocab_size, self.backbone.tok_emb.num_embeddings, self.seq_len, mixture.encoder_dim)
-            if mixture.encoder_dim > 0 else None
-        )
-        readers = [type(loss).__name__ for loss in self.losses if isinstance(loss, Di4CPosteriorDataLoss)]
-        if readers and self.lambda_encoder is None:
-            raise ValueError(f"MixtureStudent: {readers[0]} reads the lambda encoder q(lambda | x, z_t); set "
-                             "mixture.encoder_dim > 0 (e.g. 64) or drop the term.")
 
     # ---- the mixture -------------------------------------------------------------------------------
     def draw_lambda(self, num: int, generator: torch.Generator | None, length: int | None = None) -> Tensor:
@@ -187,21 +172,17 @@ class MixtureStudent(DistilledStudent):
         return lambda_features(lam, self.mixture.lambda_dim, length or self.seq_len, self.mixture.position_dim)
 
     def components(
-        self, z_t: Tensor, t: Tensor, generator: torch.Generator | None, positions: Tensor | None = None,
-        lam: Tensor | None = None,
+        self, z_t: Tensor, t: Tensor, generator: torch.Generator | None, positions: Tensor | None = None
     ) -> Components:
-        """The M components with fresh lambdas at ``positions`` (B, D) (None: all), packed (M, n, V); with
-        ``lam`` (B, M') given, the M' components at those lambdas instead (no draw).
+        """The M components with fresh lambdas at ``positions`` (B, D) (None: all), packed (M, n, V).
 
         B * M lambdas are drawn (lambda_{b, j} the (b M + j)-th draw) whatever the positions; the backbone runs on
         the M copies of the sequences that have a position only, and its head on those positions only.
         """
-        B, D = z_t.shape
+        M, (B, D) = self.mixture.num_lambda, z_t.shape
         if positions is None:
             positions = torch.ones_like(z_t, dtype=torch.bool)
-        if lam is None:
-            lam = torch.rand(B, self.mixture.num_lambda, generator=generator, device=self.device)  # (B, M)
-        M = lam.shape[1]
+        lam = torch.rand(B, M, generator=generator, device=self.device)  # (B, M)
         seqs = positions.any(dim=-1).nonzero().squeeze(-1)  # (A,) sequences with a row
         # Component-major copies: copy j of sequence a is row j * A + a, so the output's rows are (j, a, d).
         lam = lam[seqs].t().reshape(-1)  # (M*A,)

@@ -23,7 +23,6 @@ from torch import Tensor
 from lightning_ddd.diffusion import dmmd, mixture
 from lightning_ddd.diffusion.draws import sample_positions
 from lightning_ddd.diffusion.processes import MaskedProcess
-from lightning_ddd.nn.lambda_encoder import gaussian_kl_to_standard, posterior_draws
 
 if TYPE_CHECKING:
     from lightning_ddd.modules.dmmd_student import DMMDStudent
@@ -39,7 +38,6 @@ __all__ = [
     "Di4CContext",
     "Di4CDataLoss",
     "Di4CDistillationLoss",
-    "Di4CPosteriorDataLoss",
     "DistillationLoss",
 ]
 
@@ -152,47 +150,6 @@ class Di4CDataLoss(DistillationLoss):
     def __call__(self, ctx: Di4CContext) -> Tensor:
         data = mixture.data_loss(ctx.components, ctx.teacher_log_probs, ctx.x, self.a_t(ctx.t))
         return self.weight * data
-
-
-class Di4CPosteriorDataLoss(Di4CDataLoss):
-    """The data term with the correlation scored at lambdas from the student's encoder (the project's
-    addition, not the paper's): ``a(t) (-ELBO(x) + sum_d log Pbar^d(x^d)) + sum_d KL(PT^d || Pbar^d)``, with
-    ``ELBO(x) = E_q sum_d log P_lambda^d(x^d) - KL(q || U(0, 1))`` and q = q(lambda | x, z_t).
-
-    ``Di4CDataLoss`` scores the data by the mean likelihood of M prior draws of lambda: when none of the M
-    draws explains a sequence (16 draws against the joint of 16 masked tokens) that bound is loose and the
-    gradient mostly sharpens the marginals. Here the encoder proposes lambdas that explain x, so the student
-    learns which lambda goes with which joint, a VAE with the student as decoder. Pbar (the prior draws'
-    marginal) still matches the teacher, and sampling draws lambda from the prior. Needs
-    ``mixture.encoder_dim > 0``; costs ``num_posterior`` student passes per sequence that has a masked position.
-
-    Args:
-        weight: multiplies the term.
-        a_t: the weight a(t) of the data's correlation term.
-        num_posterior: lambda draws from q per sequence (the ELBO's Monte Carlo size).
-    """
-
-    name = "data_post"
-    context = Di4CContext
-
-    def __init__(self, weight: float = 1.0, a_t: mixture.DataWeight = mixture.DataWeight(), num_posterior: int = 1) -> None:
-        super().__init__(weight, a_t)
-        if num_posterior < 1:
-            raise ValueError(f"Di4CPosteriorDataLoss: num_posterior={num_posterior} must be >= 1.")
-        self.num_posterior = num_posterior
-
-    def __call__(self, ctx: Di4CContext) -> Tensor:
-        comps = ctx.components  # first: the prior lambdas are drawn before the posterior's noise
-        student, x_rows = ctx.student, comps.rows(ctx.x)  # (n,) the data at the rows
-        mu, log_sigma = student.lambda_encoder(ctx.x, ctx.z_t)  # (B,), (B,)
-        lam = posterior_draws(mu, log_sigma, self.num_posterior, ctx.generator)  # (B, K)
-        posterior = student.components(ctx.z_t, ctx.t, ctx.generator, ctx.positions, lam=lam)  # (K, n, V)
-        fit = posterior.component_log_likelihood(x_rows[None])[:, 0].mean(dim=0)  # (B,) E_q sum_d log P_lam(x^d)
-        # q only matters where lambda does: sequences with no masked position pay no KL
-        kl_q = gaussian_kl_to_standard(mu, log_sigma) * ctx.positions.any(dim=-1)  # (B,)
-        independent = comps.sum_rows(comps.log_marginal.gather(-1, x_rows[:, None])[:, 0])  # (B,) sum_d log Pbar(x^d)
-        teacher_kl = comps.sum_rows(mixture.row_kl(ctx.teacher_log_probs, comps.log_marginal))  # (B,)
-        return self.weight * (self.a_t(ctx.t) * (kl_q - fit + independent) + teacher_kl)
 
 
 class Di4CConsistencyLoss(DistillationLoss):
