@@ -14,7 +14,7 @@ from lightning_ddd.data import MarkovChain
 from lightning_ddd.diffusion import mixture
 from lightning_ddd.diffusion.mixture import ConsistencyStep, DataWeight, Di4CTimes
 from lightning_ddd.modules import MixtureStudent
-from lightning_ddd.modules.mixture_student import MixtureSettings
+from lightning_ddd.modules.mixture_student import MixtureSettings, lambda_features
 from lightning_ddd.modules.student_losses import (
     Di4CConsistencyLoss,
     Di4CContext,
@@ -148,10 +148,10 @@ def uniform_teacher_ckpt(tmp_path_factory):
     return path
 
 
-def student(path, num_lambda=4, lambda_dim=16, position_dim=0, data_coeff=0.1, **kw):
+def student(path, num_lambda=4, lambda_dim=16, position_dim=0, data_coeff=0.1, latent="uniform", **kw):
     """A small student; the common settings by keyword, built into their settings objects."""
     losses = [Di4CDistillationLoss(), Di4CDataLoss(a_t=DataWeight(coeff=data_coeff)), Di4CConsistencyLoss()]
-    mix = MixtureSettings(num_lambda=num_lambda, lambda_dim=lambda_dim, position_dim=position_dim)
+    mix = MixtureSettings(num_lambda=num_lambda, lambda_dim=lambda_dim, position_dim=position_dim, latent=latent)
     return MixtureStudent(path, mixture=mix, losses=losses, **kw)
 
 
@@ -170,6 +170,8 @@ def perturb(model, seed=0):
 
 @pytest.mark.parametrize("bad, match", [
     (lambda: MixtureSettings(num_lambda=0), "num_lambda"),
+    (lambda: MixtureSettings(latent="normal"), "latent='normal' must be 'uniform' or 'gaussian'"),
+    (lambda: MixtureSettings(lambda_dim=5), "lambda_dim=5 must be >= 1 \\(gaussian\\) or even"),
     (lambda: DataWeight(coeff=2.0), "coeff=2.0 must lie in \\[0, 1\\]"),
     (lambda: Di4CTimes(delta=0.7), "delta"),
     (lambda: ConsistencyStep(step_min=0.1, step_max=0.01), "step_min"),
@@ -234,6 +236,29 @@ def test_per_example_roles_and_times(teacher_ckpt, monkeypatch):
     assert torch.equal(seen["t"], torch.tensor([0.6, 0.9, 0.3]))  # only consistency rows take a teacher step
     expected = mixture.data_weight(torch.tensor([0.012, 0.6, 0.015, 0.9, 0.018, 0.3]), s.losses[1].a_t.coeff, 20.0, 0.5)
     assert torch.allclose(seen["weight"], expected)  # a(t) of each example's own time
+
+
+def test_gaussian_latent_components_are_the_dense_student_at_standard_normal_draws(teacher_ckpt):
+    C, P = 5, 4  # an odd dimension is allowed: no sinusoid pairs
+    s = student(teacher_ckpt, num_lambda=3, lambda_dim=C, position_dim=P, latent="gaussian").eval()
+    perturb(s)
+    x = torch.randint(5, (6, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ctx = Di4CContext(s, x, torch.Generator().manual_seed(1))
+        comps = ctx.components  # (M, n, V)
+        # Replay: the context's times and z_t, then B x M x C standard normals, lambda_{b, j} = row (b, j).
+        g = torch.Generator().manual_seed(1)
+        replay = Di4CContext(s, x, g)
+        lam = torch.randn(6, 3, C, generator=g)
+        for j in range(3):
+            cond = lambda_features(lam[:, j], C, 8, P)  # (B, D, C + P): the same lambda at every position
+            assert torch.equal(cond[:, 0, :C], lam[:, j]) and torch.equal(cond[:, 5, :C], lam[:, j])
+            dense = s.denoise(replay.z_t, replay.t, cond)  # (B, D, V)
+            torch.testing.assert_close(comps.log_probs[j], dense[ctx.mask], rtol=1e-5, atol=1e-5)
+    # Sampling draws from the same prior: standard normal lambdas, shared by a sample's positions.
+    feats = s.draw_lambda(4000, torch.Generator().manual_seed(2))  # (4000, D, C + P)
+    assert feats.shape == (4000, 8, C + P) and torch.equal(feats[:, 0, :C], feats[:, 7, :C])
+    assert feats[:, 0, :C].mean().abs() < 0.03 and (feats[:, 0, :C].std() - 1).abs() < 0.03
 
 
 def test_sampling_draws_a_fresh_lambda_per_sample_and_step(teacher_ckpt, monkeypatch):

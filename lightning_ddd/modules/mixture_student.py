@@ -1,8 +1,9 @@
-"""The Di4C mixture student (Hayakawa et al., ICML 2025): a teacher copy that takes a latent lambda ~ U(0, 1).
+"""The Di4C mixture student (Hayakawa et al., ICML 2025): a teacher copy that takes a latent lambda ~ U(0, 1)
+(the paper's) or N(0, I) (``MixtureSettings.latent``).
 
 ``p_theta(x | z_t) = E_lambda prod_d p_theta^d(x^d | z_t, lambda)``: one lambda per sequence, shared by all
-positions, embedded as sinusoids of 1000 lambda and fed through the backbone's zero-initialised ``cond_proj``
-MLP, so the untrained student is exactly the teacher. The maths lives in
+positions, embedded as sinusoids of 1000 lambda (a Gaussian lambda as it is) and fed through the backbone's
+zero-initialised ``cond_proj`` MLP, so the untrained student is exactly the teacher. The maths lives in
 :mod:`lightning_ddd.diffusion.mixture`, the three loss terms in :mod:`lightning_ddd.modules.student_losses`;
 this module draws the lambdas, runs the networks and combines the terms.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import functools
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -32,10 +33,11 @@ from lightning_ddd.nn.transformer import sinusoids
 
 
 def lambda_features(lam: Tensor, dim: int, seq_len: int = 0, position_dim: int = 0) -> Tensor:
-    """The lambda input: sinusoids of ``1000 lambda`` (the diffusion-time embedding's formula), (N,) → (N, dim);
-    with ``position_dim > 0``, per position with sinusoids of the position appended, (N, seq_len, dim + position_dim).
+    """The lambda input: for a uniform lambda (N,), sinusoids of ``1000 lambda`` (the diffusion-time
+    embedding's formula), (N, dim); a Gaussian lambda (N, dim) as it is. With ``position_dim > 0``, per position
+    with sinusoids of the position appended, (N, seq_len, dim + position_dim).
     """
-    feats = sinusoids(1000.0 * lam, dim)  # (N, dim)
+    feats = sinusoids(1000.0 * lam, dim) if lam.dim() == 1 else lam  # (N, dim)
     if position_dim == 0:
         return feats
     pos = sinusoids(torch.arange(seq_len, device=lam.device), position_dim)  # (L, position_dim)
@@ -49,7 +51,11 @@ class MixtureSettings:
 
     Args:
         num_lambda: M, lambda draws per training input (the batch is repeated M times; 16 in the paper).
-        lambda_dim: number of sinusoidal features of 1000 lambda fed to the backbone's ``cond_proj`` MLP.
+        lambda_dim: uniform latent: number of sinusoidal features of 1000 lambda fed to the backbone's
+            ``cond_proj`` MLP; Gaussian latent: the dimension of lambda, fed as it is.
+        latent: the prior of lambda: ``uniform``, the paper's scalar U(0, 1); ``gaussian``, N(0, I) in
+            ``lambda_dim`` dimensions (the project's option: a latent with several independent directions,
+            which the quickstart measured slightly better; README, "Few-step distillation").
         position_dim: if > 0, the lambda input is given per position with this many sinusoidal features of
             the position appended, so the MLP can give lambda a different effect at each position (the
             backbone's attention only sees relative positions, and with a shared additive input every
@@ -60,14 +66,18 @@ class MixtureSettings:
 
     num_lambda: int = 16
     lambda_dim: int = 128
+    latent: Literal["uniform", "gaussian"] = "uniform"
     position_dim: int = 0
     lambda_init_std: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_lambda < 1:
             raise ValueError(f"MixtureSettings: num_lambda={self.num_lambda} must be >= 1.")
-        if self.lambda_dim < 2 or self.lambda_dim % 2:
-            raise ValueError(f"MixtureSettings: lambda_dim={self.lambda_dim} must be even and >= 2.")
+        if self.latent not in ("uniform", "gaussian"):
+            raise ValueError(f"MixtureSettings: latent={self.latent!r} must be 'uniform' or 'gaussian'.")
+        if self.lambda_dim < 1 or (self.latent == "uniform" and (self.lambda_dim < 2 or self.lambda_dim % 2)):
+            raise ValueError(f"MixtureSettings: lambda_dim={self.lambda_dim} must be >= 1 (gaussian) or even and "
+                             ">= 2 (uniform: sinusoid pairs).")
         if self.position_dim < 0 or self.position_dim % 2:
             raise ValueError(f"MixtureSettings: position_dim={self.position_dim} must be even and >= 0.")
 
@@ -160,15 +170,21 @@ class MixtureStudent(DistilledStudent):
         # At the start every component is the teacher, a stationary point of all three losses: lambda gets a
         # use only through second-order terms whose size is the gain of the lambda path. The hook's first
         # layer (std 0.02) would leave that gain ~1e-2; scale it to the features (the sinusoid vector has
-        # squared norm cond_dim / 2). Its last layer stays at zero.
+        # squared norm cond_dim / 2; a Gaussian lambda adds lambda_dim / 2 more). Its last layer stays at zero.
         nn.init.normal_(self.backbone.cond_proj[0].weight, std=mixture.lambda_init_std * (2.0 / cond_dim) ** 0.5)
         self.mixture, self.times = mixture, times
         self.hybrid_teacher_steps = hybrid_teacher_steps
 
     # ---- the mixture -------------------------------------------------------------------------------
+    def prior_lambda(self, *shape: int, generator: torch.Generator | None) -> Tensor:
+        """Fresh lambdas from the prior: U(0, 1), ``shape``; or N(0, I), (*shape, lambda_dim)."""
+        if self.mixture.latent == "gaussian":
+            return torch.randn(*shape, self.mixture.lambda_dim, generator=generator, device=self.device)
+        return torch.rand(*shape, generator=generator, device=self.device)
+
     def draw_lambda(self, num: int, generator: torch.Generator | None, length: int | None = None) -> Tensor:
-        """Fresh lambda ~ U(0, 1), embedded: (num, lambda_dim), or (num, length, lambda_dim + position_dim)."""
-        lam = torch.rand(num, generator=generator, device=self.device)
+        """Fresh lambdas from the prior, embedded: (num, C), or (num, length, C + position_dim)."""
+        lam = self.prior_lambda(num, generator=generator)
         return lambda_features(lam, self.mixture.lambda_dim, length or self.seq_len, self.mixture.position_dim)
 
     def components(
@@ -182,10 +198,10 @@ class MixtureStudent(DistilledStudent):
         M, (B, D) = self.mixture.num_lambda, z_t.shape
         if positions is None:
             positions = torch.ones_like(z_t, dtype=torch.bool)
-        lam = torch.rand(B, M, generator=generator, device=self.device)  # (B, M)
+        lam = self.prior_lambda(B, M, generator=generator)  # (B, M[, C])
         seqs = positions.any(dim=-1).nonzero().squeeze(-1)  # (A,) sequences with a row
         # Component-major copies: copy j of sequence a is row j * A + a, so the output's rows are (j, a, d).
-        lam = lam[seqs].t().reshape(-1)  # (M*A,)
+        lam = lam[seqs].transpose(0, 1).reshape(M * seqs.numel(), *lam.shape[2:])  # (M*A[, C])
         cond = lambda_features(lam, self.mixture.lambda_dim, D, self.mixture.position_dim)  # (M*A, [D,] C)
         z, tt, pos = z_t[seqs].repeat(M, 1), t[seqs].repeat(M), positions[seqs].repeat(M, 1)
         out = self.denoise(z, tt, cond, positions=pos)  # (M * n, V)
