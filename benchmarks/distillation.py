@@ -10,7 +10,7 @@ scores the data's own values, printed as the ``data`` row (as many real sequence
     python benchmarks/distillation.py --out benchmarks/results/distillation   # every shipped student
     python benchmarks/distillation.py --students dmmd --teacher-ckpt runs/quickstart/teacher/checkpoints/last.ckpt
 
-Trains the quickstart teacher (unless --teacher-ckpt is given), then each student from
+Trains the quickstart teacher under --out (unless --teacher-ckpt is given), then each student from
 configs/quickstart/<name>.yaml with the teacher's checkpoint, then evaluates every model with the
 ``evaluate`` subcommand on the same seeds, and prints one markdown table. The training column is the
 wall time of each ``fit`` (validation included) on whatever machine ran it: compare rows of one run.
@@ -23,9 +23,26 @@ import json
 import os
 import time
 
+import yaml
+
 from lightning_ddd.cli import main
 
 TEACHER_CONFIG = "configs/quickstart/teacher.yaml"
+
+
+def config_under(config: str, root: str) -> str:
+    """A copy of ``config`` in ``root`` whose checkpoint callbacks write to ``root``/checkpoints: the
+    quickstart teacher's config pins its own folder, which a benchmark run must leave alone."""
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
+    for callback in (cfg.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(callback, dict) and "dirpath" in (callback.get("init_args") or {}):
+            callback["init_args"]["dirpath"] = os.path.join(root, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, os.path.basename(config))
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path
 
 
 def fit(config: str, root: str, extra: list[str]) -> tuple[str, dict]:
@@ -84,8 +101,9 @@ def run(argv: list[str] | None = None) -> list[dict]:
                              "--student-arg=--trainer.max_steps=3000")
     args = parser.parse_args(argv)
 
+    teacher_root = os.path.join(args.out, "teacher")
     teacher, cost = (args.teacher_ckpt, {}) if args.teacher_ckpt else fit(
-        TEACHER_CONFIG, os.path.join(args.out, "teacher"), [])
+        config_under(TEACHER_CONFIG, teacher_root), teacher_root, [])
     rows = [data_row(TEACHER_CONFIG, args.num_samples, args.seed)]
     for r in evaluate(TEACHER_CONFIG, teacher, args.teacher_steps, args, os.path.join(args.out, "eval_teacher"), []):
         rows += [{**r, **cost, "model": "teacher"}] if r["model_class"] != "data" else []  # the floor is rows[0]
